@@ -1,0 +1,276 @@
+"""Load diffusers model folders (or Hugging Face hub ids) into our linen modules, without torch.
+
+A folder holds ``config.json`` and weights: ``diffusion_pytorch_model.safetensors``, sharded
+``*.safetensors.index.json`` + shards, ``variant`` files such as ``*.fp16.safetensors``, or a
+diffusers-Flax ``diffusion_flax_model.msgpack``. A pipeline root (``unet/``, ``vae/`` ...) works
+through ``subfolder``. Every problem raises one ``CheckpointError`` naming the file and keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from parrot_jax.convert import CheckpointError, apply_transform, plan_conversion
+from parrot_jax.models.config import ConfigError
+from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
+from parrot_jax.models.vae import AutoencoderKL, VAEConfig
+
+__all__ = ["CheckpointError", "ConfigError", "load_unet", "load_vae", "ModelSource"]
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+DIFFUSERS_FLAX_WEIGHTS = "diffusion_flax_model"
+
+
+class ModelSource:
+    """A model folder on disk, or a folder of a hub repository fetched file by file.
+
+    ``file(name)`` returns a local path, or None when the file does not exist.
+    """
+
+    def __init__(self, path_or_id: str | os.PathLike, subfolder: str | None = None,
+                 revision: str | None = None):
+        self.name = str(path_or_id)
+        self.subfolder = subfolder
+        self.revision = revision
+        local = Path(path_or_id).expanduser()
+        if local.exists():
+            self.root: Path | None = local / subfolder if subfolder else local
+            if not self.root.is_dir():
+                raise CheckpointError(f"{self.root}: not a folder")
+            self.where = str(self.root)
+        elif _looks_like_repo_id(self.name):
+            self.root = None
+            self.where = f"hub repo {self.name!r}" + (f" subfolder {subfolder!r}" if subfolder else "")
+        else:
+            raise CheckpointError(f"{self.name}: no such folder (and not a hub repo id)")
+
+    def file(self, name: str) -> Path | None:
+        if self.root is not None:
+            path = self.root / name
+            return path if path.is_file() else None
+        return _hub_file(self.name, name, self.subfolder, self.revision, self.where)
+
+    def require(self, name: str) -> Path:
+        path = self.file(name)
+        if path is None:
+            hint = ""
+            if name == "config.json" and self.file("model_index.json") is not None:
+                hint = " (this is a pipeline folder: pass subfolder='unet' or 'vae')"
+            raise CheckpointError(f"{self.where}: missing {name}{hint}")
+        return path
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return (0 < len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+            and "\\" not in name and not name.endswith((".json", ".safetensors")))
+
+
+def _hub_file(repo: str, name: str, subfolder: str | None, revision: str | None,
+              where: str) -> Path | None:
+    """Fetch one file of a hub repo (or find it in the local cache); None if the repo lacks it."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo, name, subfolder=subfolder,
+                                                    revision=revision))
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError as e:
+        # Offline (or unreachable) and not cached. A missing optional file in a cached
+        # snapshot also lands here; the caller decides whether the file was required.
+        if _cached_snapshot_has_config(repo, subfolder, revision):
+            return None
+        raise CheckpointError(f"{where}: cannot fetch {name} (offline or unreachable, and not "
+                              f"in the local cache): {e}") from e
+    except Exception as e:  # repository not found, gated, network errors ...
+        raise CheckpointError(f"{where}: cannot fetch {name}: {type(e).__name__}: {e}") from e
+
+
+def _cached_snapshot_has_config(repo: str, subfolder: str | None, revision: str | None) -> bool:
+    import huggingface_hub
+
+    name = f"{subfolder}/config.json" if subfolder else "config.json"
+    found = huggingface_hub.try_to_load_from_cache(repo, name, revision=revision)
+    return isinstance(found, str)
+
+
+def read_config(source: ModelSource) -> tuple[dict[str, Any], str]:
+    """The parsed ``config.json`` and its path; JSON errors name the file and line."""
+    path = source.require("config.json")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                              f"{e.msg}") from e
+
+
+def _variant_name(stem: str, ext: str, variant: str | None) -> str:
+    return f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+
+
+def _safetensors_files(source: ModelSource, stem: str, variant: str | None) -> list[Path] | None:
+    """The safetensors file(s) holding the weights, via the shard index when there is one."""
+    single = source.file(_variant_name(stem, "safetensors", variant))
+    if single is not None:
+        return [single]
+    index_names = [_variant_name(stem, "safetensors.index.json", None)]
+    if variant:  # diffusers names it stem.safetensors.index.<variant>.json; accept both
+        index_names = [f"{stem}.safetensors.index.{variant}.json",
+                       f"{stem}.{variant}.safetensors.index.json"]
+    for index_name in index_names:
+        index = source.file(index_name)
+        if index is None:
+            continue
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' "
+                                  f"({type(e).__name__}: {e})") from e
+        shards = []
+        for shard in sorted(set(weight_map.values())):
+            path = source.file(shard)
+            if path is None:
+                raise CheckpointError(f"{index}: shard {shard} is listed but missing from "
+                                      f"{source.where}")
+            shards.append(path)
+        return shards
+    return None
+
+
+class _SafetensorsReader:
+    """Shapes without loading, then one tensor at a time (bfloat16 included) as numpy."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.files = files
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, Path] = {}
+        self._dtypes: dict[str, str] = {}
+        for path in files:
+            try:
+                with safe_open(path, framework="np") as f:
+                    for key in f.keys():
+                        if key in self._where:
+                            raise CheckpointError(f"{path}: key {key} also in {self._where[key]}")
+                        sl = f.get_slice(key)
+                        self.shapes[key] = tuple(sl.get_shape())
+                        self._dtypes[key] = sl.get_dtype()
+                        self._where[key] = path
+            except CheckpointError:
+                raise
+            except Exception as e:  # truncated or corrupt header
+                raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
+
+    def get(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        path = self._where[key]
+        # numpy has no bfloat16; the flax reader returns it through ml_dtypes.
+        framework = "flax" if self._dtypes[key] == "BF16" else "np"
+        try:
+            with safe_open(path, framework=framework) as f:
+                return np.asarray(f.get_tensor(key))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key}: {e}") from e
+
+
+def _target_shapes(init: Callable[[jax.Array], Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in flatten_dict(shapes).items()}
+
+
+def _check_flax_tree(flat: dict, target: dict, where: str) -> None:
+    """The same missing / unexpected / shape checks for an already-Flax parameter tree."""
+    problems = []
+    missing = sorted("/".join(k) for k in target if k not in flat)
+    unexpected = sorted("/".join(k) for k in flat if k not in target)
+    mismatched = sorted(f"{'/'.join(k)} {tuple(np.shape(v))} (expected {target[k]})"
+                        for k, v in flat.items() if k in target and tuple(np.shape(v)) != target[k])
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", mismatched)):
+        if items:
+            problems.append(f"{len(items)} {label}: {', '.join(items[:12])}"
+                            + (" ..." if len(items) > 12 else ""))
+    if problems:
+        raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
+
+
+def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
+                 variant: str | None = None, param_dtype: Any = jnp.float32,
+                 torch_stem: str = DIFFUSERS_WEIGHTS,
+                 flax_stem: str = DIFFUSERS_FLAX_WEIGHTS) -> dict:
+    """Read, convert and check a folder's weights against the tree ``init(key)`` would build."""
+    target = _target_shapes(init)
+    files = _safetensors_files(source, torch_stem, variant)
+    if files is not None:
+        reader = _SafetensorsReader(files)
+        where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+        plan = plan_conversion(reader.shapes, target, source=where)
+        flat = {}
+        for key, (path, transform) in plan.items():
+            value = apply_transform(reader.get(key), transform)
+            flat[path] = jnp.asarray(value, dtype=param_dtype)
+        return unflatten_dict(flat)
+    msgpack = source.file(_variant_name(flax_stem, "msgpack", variant))
+    if msgpack is not None:
+        try:
+            tree = serialization.msgpack_restore(msgpack.read_bytes())
+        except Exception as e:
+            raise CheckpointError(f"{msgpack}: unreadable msgpack file: {e}") from e
+        if isinstance(tree, dict) and set(tree) == {"params"}:
+            tree = tree["params"]
+        flat = flatten_dict(tree) if isinstance(tree, dict) else {}
+        _check_flax_tree(flat, target, str(msgpack))
+        return unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
+    bins = [n for n in (_variant_name(torch_stem, "bin", variant),) if source.file(n)]
+    hint = (f"; found {bins[0]}: PyTorch pickles need torch to read, convert it to safetensors"
+            if bins else "")
+    wanted = _variant_name(torch_stem, "safetensors", variant)
+    raise CheckpointError(f"{source.where}: no weights found (looked for {wanted}, its "
+                          f"sharded index, and {_variant_name(flax_stem, 'msgpack', variant)})"
+                          + hint)
+
+
+def _config_or_raise(build: Callable[[dict, str], Any], source: ModelSource) -> Any:
+    config, where = read_config(source)
+    return build(config, where)
+
+
+def load_unet(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+              dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+              variant: str | None = None, revision: str | None = None,
+              remat_policy: str | None = None) -> tuple[UNet2DConditionModel, dict]:
+    """A diffusers ``UNet2DConditionModel`` folder or hub id -> ``(module, params)``.
+
+    ``dtype`` is the activation dtype; parameters are cast to ``param_dtype``.
+    """
+    source = ModelSource(path_or_id, subfolder, revision)
+    config = _config_or_raise(UNetConfig.from_diffusers, source)
+    module = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
+                                  remat_policy=remat_policy)
+    params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
+    return module, params
+
+
+def load_vae(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+             variant: str | None = None,
+             revision: str | None = None) -> tuple[AutoencoderKL, dict]:
+    """A diffusers ``AutoencoderKL`` folder or hub id -> ``(module, params)``."""
+    source = ModelSource(path_or_id, subfolder, revision)
+    config = _config_or_raise(VAEConfig.from_diffusers, source)
+    module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
+    params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
+    return module, params

@@ -1,0 +1,162 @@
+"""Attention and transformer blocks of Stable Diffusion's UNet and VAE.
+
+Tokens are ``[B, T, D]``; the 2-D wrappers take NHWC maps. Softmax attention goes through
+``jax.nn.dot_product_attention`` so XLA (or cuDNN / TPU kernels) pick the fused implementation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from parrot_jax.models.layers import Dtype
+
+
+class Attention(nn.Module):
+    """Multi-head attention with ``query``/``key``/``value``/``proj_attn`` projections.
+
+    Self-attention when ``context`` is None, else cross-attention to ``context`` ``[B, S, Dc]``.
+    ``upcast`` computes scores and softmax in float32 whatever the activation dtype
+    (diffusers' ``upcast_attention``, needed by SD 2.x in half precision).
+    """
+
+    heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        return multi_head_attention(x, x if context is None else context, self.heads,
+                                    self.head_dim, qkv_bias=self.qkv_bias, upcast=self.upcast,
+                                    dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+def multi_head_attention(x: jax.Array, context: jax.Array, heads: int, head_dim: int, *,
+                         qkv_bias: bool, upcast: bool, dtype: Dtype,
+                         param_dtype: Dtype) -> jax.Array:
+    """Attention whose projections become children of the calling compact module.
+
+    x ``[B, T, D]``, context ``[B, S, Dc]`` -> ``[B, T, D]``. Called from a compact method so
+    both the UNet's ``attn1``/``attn2`` and the VAE's flat ``attentions_0`` own the
+    ``query``/``key``/``value``/``proj_attn`` parameters directly.
+    """
+    inner = heads * head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    q = nn.Dense(inner, use_bias=qkv_bias, name="query", **kw)(x)
+    k = nn.Dense(inner, use_bias=qkv_bias, name="key", **kw)(context)
+    v = nn.Dense(inner, use_bias=qkv_bias, name="value", **kw)(context)
+    split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    if upcast:
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(out.shape[:2] + (inner,)).astype(dtype)
+    return nn.Dense(x.shape[-1], name="proj_attn", **kw)(out)
+
+
+class GEGLU(nn.Module):
+    """``proj`` to twice the width, then ``hidden * gelu(gate)`` (exact GELU, as torch)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="proj")(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """``net_0`` (GEGLU to ``mult * dim``) then ``net_2`` back to ``dim``."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * dim, name="net_0", **kw)(x)
+        return nn.Dense(dim, name="net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: Attention(self.heads, self.head_dim, upcast=self.upcast,  # noqa: E731
+                                      name=name, **kw)
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
+        x = x + attn("attn1")(norm("norm1")(x))
+        x = x + attn("attn2")(norm("norm2")(x), context)
+        return x + FeedForward(name="ff", **kw)(norm("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> ``proj_in`` -> transformer blocks over the H*W tokens -> ``proj_out`` + skip.
+
+    ``use_linear_projection`` selects Dense projections on tokens (SD 2.x) instead of 1x1 convs
+    on the map (SD 1.x); the two are the same function with differently shaped parameters.
+    """
+
+    heads: int
+    head_dim: int
+    depth: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def project(features: int, name: str):
+            if self.use_linear_projection:
+                return nn.Dense(features, name=name, **kw)
+            return nn.Conv(features, (1, 1), name=name, **kw)
+
+        # Both projections act on the channel axis of the NHWC map (a Dense there is a 1x1 conv).
+        y = nn.GroupNorm(self.groups, epsilon=1e-6, name="norm", **kw)(x)
+        y = project(inner, "proj_in")(y).reshape(b, h * w, inner)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(self.heads, self.head_dim, upcast=self.upcast,
+                                      name=f"transformer_blocks_{i}", **kw)(y, context)
+        return x + project(c, "proj_out")(y.reshape(b, h, w, inner))
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE's single-head attention over pixels: ``group_norm``, biased q/k/v, residual."""
+
+    groups: int = 32
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.GroupNorm(self.groups, epsilon=self.eps, name="group_norm", **kw)(x)
+        y = y.reshape(b, h * w, c)
+        y = multi_head_attention(y, y, 1, c, qkv_bias=True, upcast=True, **kw)
+        return x + y.reshape(b, h, w, c)
