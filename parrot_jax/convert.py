@@ -9,7 +9,7 @@ layout transform. Every missing, unexpected, duplicate or mis-shaped key is coll
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def torch_key_to_path(key: str, renames: Mapping[str, str] = _MODULE_RENAMES) ->
     return tuple(renames.get(p, p) for p in parts[:-1]) + (parts[-1],)
 
 
-def layout_transform(leaf: str, src_shape: tuple[int, ...], dst_shape: tuple[int, ...]) -> str | None:
+def layout_transform(leaf: str, src_shape: tuple[int, ...],
+                     dst_shape: tuple[int, ...]) -> str | None:
     """How a torch tensor becomes our parameter, or None if no layout rule fits the shapes.
 
     ``'conv'``: OIHW -> HWIO; ``'transpose'``: [out, in] -> [in, out]; ``'squeeze_transpose'``:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,9 @@ class ModelSource:
             self.where = str(self.root)
         elif _looks_like_repo_id(self.name):
             self.root = None
-            self.where = f"hub repo {self.name!r}" + (f" subfolder {subfolder!r}" if subfolder else "")
+            self.where = f"hub repo {self.name!r}"
+            if subfolder:
+                self.where += f" subfolder {subfolder!r}"
         else:
             raise CheckpointError(f"{self.name}: no such folder (and not a hub repo id)")
 

@@ -6,7 +6,8 @@ and raised as one ``ConfigError`` that names the source file and the offending k
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,15 @@ def per_block(value: Any, n: int, key: str, reader: ConfigReader) -> tuple:
             return tuple(value[:1]) * n if value else (None,) * n
         return tuple(value)
     return (value,) * n
+
+
+def check_groups(reader: ConfigReader, channels: tuple, groups: Any) -> None:
+    """Every block width must split into ``norm_num_groups`` GroupNorm groups."""
+    if is_positive_int(groups) and all(is_positive_int(c) for c in channels):
+        bad = [c for c in channels if c % groups]
+        if bad:
+            reader.problems.append(
+                f"block_out_channels {bad} not divisible by norm_num_groups={groups}")
 
 
 def is_int(v: Any) -> bool:

@@ -143,4 +143,5 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(self.features, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return conv(self.features, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="conv")(x)

@@ -17,6 +17,7 @@ from flax import linen as nn
 from parrot_jax.models.attention import Transformer2DModel
 from parrot_jax.models.config import (
     ConfigReader,
+    check_groups,
     is_int,
     is_positive_int,
     is_positive_ints,
@@ -53,7 +54,8 @@ class UNetConfig:
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # None drops the middle block
     layers_per_block: tuple[int, ...] = (2, 2, 2, 2)  # resnets per down block (+1 per up block)
-    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # heads per block (SD's "attention_head_dim")
+    # Heads per block (what SD configs misname "attention_head_dim").
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)  # transformer depth per block
     cross_attention_dim: tuple[int, ...] = (768, 768, 768, 768)  # text-encoder width per block
     use_linear_projection: bool = False  # Dense proj_in/out (SD 2.x) instead of 1x1 convs
@@ -113,10 +115,7 @@ class UNetConfig:
         if any(per_block(only_cross, n, "only_cross_attention", r)):
             r.problems.append(f"only_cross_attention={only_cross!r} (unsupported; must be false)")
         groups = r.get("norm_num_groups", 32, is_positive_int, "a positive int")
-        if is_positive_int(groups) and all(is_positive_int(c) for c in channels):
-            bad = [c for c in channels if c % groups]
-            if bad:
-                r.problems.append(f"block_out_channels {bad} not divisible by norm_num_groups={groups}")
+        check_groups(r, channels, groups)
         kwargs = dict(
             in_channels=r.get("in_channels", 4, is_positive_int, "a positive int"),
             out_channels=r.get("out_channels", 4, is_positive_int, "a positive int"),
@@ -170,13 +169,19 @@ def _remat(cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
     """``cls`` wrapped in ``nn.remat`` with the named ``jax.checkpoint_policies`` entry."""
     if policy is None:
         return cls
-    if policy == "full":  # recompute everything inside the block
-        return nn.remat(cls)
     fn = getattr(jax.checkpoint_policies, policy, None)
-    if fn is None or policy.startswith("save_") or policy.startswith("offload"):
-        raise ValueError(f"unknown remat policy {policy!r}: use 'full' or a name from "
-                         "jax.checkpoint_policies such as 'nothing_saveable', 'dots_saveable'")
+    # The save_* / offload* entries are policy factories that need arguments, not policies.
+    if fn is None or policy.startswith(("save_", "offload")):
+        raise ValueError(f"unknown remat policy {policy!r}: use a jax.checkpoint_policies name "
+                         "such as 'nothing_saveable' (recompute all) or 'dots_saveable'")
     return nn.remat(cls, policy=fn)
+
+
+def _transformer(cfg: UNetConfig, heads: int, channels: int, depth: int, name: str,
+                 kw: dict) -> Transformer2DModel:
+    """The cross-attention transformer of a block: ``heads`` heads of ``channels // heads``."""
+    return Transformer2DModel(heads, channels // heads, depth, cfg.norm_num_groups,
+                              cfg.use_linear_projection, cfg.upcast_attention, name=name, **kw)
 
 
 class DownBlock(nn.Module):
@@ -203,9 +208,8 @@ class DownBlock(nn.Module):
             x = ResnetBlock2D(self.features, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
                               name=f"resnets_{i}", **kw)(x, temb)
             if self.attention:
-                x = Transformer2DModel(self.heads, self.features // self.heads, self.depth,
-                                       cfg.norm_num_groups, cfg.use_linear_projection,
-                                       cfg.upcast_attention, name=f"attentions_{i}", **kw)(x, context)
+                x = _transformer(cfg, self.heads, x.shape[-1], self.depth, f"attentions_{i}",
+                                 kw)(x, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.features, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -229,9 +233,7 @@ class MidBlock(nn.Module):
         resnet = lambda i: ResnetBlock2D(c, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,  # noqa: E731
                                          cfg.mid_block_scale_factor, name=f"resnets_{i}", **kw)
         x = resnet(0)(x, temb)
-        x = Transformer2DModel(self.heads, c // self.heads, self.depth, cfg.norm_num_groups,
-                               cfg.use_linear_projection, cfg.upcast_attention,
-                               name="attentions_0", **kw)(x, context)
+        x = _transformer(cfg, self.heads, c, self.depth, "attentions_0", kw)(x, context)
         return resnet(1)(x, temb)
 
 
@@ -256,9 +258,8 @@ class UpBlock(nn.Module):
             x = ResnetBlock2D(self.features, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
                               name=f"resnets_{i}", **kw)(x, temb)
             if self.attention:
-                x = Transformer2DModel(self.heads, self.features // self.heads, self.depth,
-                                       cfg.norm_num_groups, cfg.use_linear_projection,
-                                       cfg.upcast_attention, name=f"attentions_{i}", **kw)(x, context)
+                x = _transformer(cfg, self.heads, x.shape[-1], self.depth, f"attentions_{i}",
+                                 kw)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.features, name="upsamplers_0", **kw)(x)
         return x
@@ -267,8 +268,8 @@ class UpBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """The text-conditioned denoiser ``eps_theta(x_t, t, c)`` (or ``v``), NHWC.
 
-    ``remat_policy`` rematerialises each down/mid/up block during backprop: ``None`` (off),
-    ``'full'``, or a ``jax.checkpoint_policies`` name such as ``'nothing_saveable'``.
+    ``remat_policy`` rematerialises each down/mid/up block during backprop: ``None`` (off) or a
+    ``jax.checkpoint_policies`` name such as ``'nothing_saveable'`` or ``'dots_saveable'``.
     """
 
     config: UNetConfig
@@ -279,7 +280,9 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array,
                  encoder_hidden_states: jax.Array) -> jax.Array:
-        """sample ``[B, H, W, C]``, timesteps ``[B]`` or scalar, context ``[B, L, D]`` -> like sample.
+        """sample ``[B, H, W, C]``, timesteps ``[B]`` or scalar, context ``[B, L, D]``.
+
+        Returns the prediction shaped and typed like ``sample``.
 
         H and W must be divisible by ``2 ** (number of down blocks - 1)``.
         """
@@ -327,13 +330,14 @@ class UNet2DConditionModel(nn.Module):
                        i < n - 1, cfg, name=f"up_blocks_{i}", **kw)(x, block_skips, temb, context)
 
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
-        x = conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(activation(cfg.act_fn)(x))
+        x = activation(cfg.act_fn)(x)
+        x = conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
         return x.astype(out_dtype)
 
     def init_params(self, key: jax.Array, batch: int = 1, size: int | None = None,
                     text_len: int = 77) -> Any:
-        """Random parameters, from dummy inputs of a valid shape."""
+        """Random parameters (jitted init on dummy inputs of a valid shape)."""
         side = size or 2 ** (len(self.config.block_out_channels) - 1) * 2
         x = jnp.zeros((batch, side, side, self.config.in_channels), jnp.float32)
         ctx = jnp.zeros((batch, text_len, self.config.cross_attention_dim[0]), jnp.float32)
-        return self.init(key, x, jnp.zeros((batch,), jnp.int32), ctx)["params"]
+        return jax.jit(self.init)(key, x, jnp.zeros((batch,), jnp.int32), ctx)["params"]

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from parrot_jax.models.attention import SpatialSelfAttention
-from parrot_jax.models.config import ConfigReader, is_positive_int, is_positive_ints
+from parrot_jax.models.config import (
+    ConfigReader,
+    check_groups,
+    is_positive_int,
+    is_positive_ints,
+)
 from parrot_jax.models.layers import (
     ACTIVATIONS,
     Downsample2D,
@@ -60,10 +65,7 @@ class VAEConfig:
                 r.problems.append(f"{key}={types!r} (supported: {n} x {kind!r}, one per "
                                   "block_out_channels entry)")
         groups = r.get("norm_num_groups", 32, is_positive_int, "a positive int")
-        if is_positive_int(groups) and all(is_positive_int(c) for c in channels):
-            bad = [c for c in channels if c % groups]
-            if bad:
-                r.problems.append(f"block_out_channels {bad} not divisible by norm_num_groups={groups}")
+        check_groups(r, channels, groups)
         kwargs = dict(
             in_channels=r.get("in_channels", 3, is_positive_int, "a positive int"),
             out_channels=r.get("out_channels", 3, is_positive_int, "a positive int"),
@@ -195,7 +197,7 @@ class AutoencoderKL(nn.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        """latents ``[B, h, w, latent]`` (unscaled) -> images ``[B, h*f, w*f, 3]`` (about [-1, 1])."""
+        """latents ``[B, h, w, latent]`` (unscaled) -> images ``[B, hf, wf, 3]`` in ~[-1, 1]."""
         out_dtype = latents.dtype
         z = latents.astype(self.dtype)
         if self.config.use_post_quant_conv:
@@ -211,7 +213,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     def init_params(self, key: jax.Array, batch: int = 1, size: int | None = None) -> Any:
-        """Random parameters, from a dummy image batch of a valid shape."""
+        """Random parameters (jitted init on a dummy image batch of a valid shape)."""
         side = size or 2 ** (len(self.config.block_out_channels) - 1) * 2
         x = jnp.zeros((batch, side, side, self.config.in_channels), jnp.float32)
-        return self.init(key, x)["params"]
+        return jax.jit(self.init)(key, x)["params"]

@@ -1,0 +1,255 @@
+"""Benchmark our jitted Flax UNet against diffusers' PyTorch ``UNet2DConditionModel`` on the CPU.
+
+For each config ("tiny", "medium") both models are built from the same diffusers config with the
+same weights (the torch model is written with ``save_pretrained`` and read back with
+``parrot_jax.hub.load_unet``) and fed the same float32 batch (NHWC for ours, NCHW for torch):
+
+* ``fwd``: one forward pass. Ours: ``jax.jit``; torch: under ``torch.no_grad()``.
+* ``fwd+bwd``: forward, ``loss = mean(output ** 2)``, gradients w.r.t. every parameter.
+  Ours: ``jax.jit(jax.value_and_grad(loss))``; torch: ``loss.backward()``.
+
+Times are medians over ``--iters`` calls after ``--warmup`` untimed calls; ours are synchronised
+with ``block_until_ready`` and exclude compilation, which is reported on its own (trace + lower +
+XLA compile). ``torch/ours`` above 1 means ours is faster. The maximum absolute difference of the
+two forward outputs is printed as a check that both sides compute the same function.
+
+Threads: by default XLA's CPU runtime and torch both use every core the process may run on.
+``--threads N`` pins the process to N cores (``os.sched_setaffinity``, before XLA starts, which
+sizes XLA's thread pool to N) and calls ``torch.set_num_threads(N)``. The header prints what was
+used. Timings on a shared machine are indicative only; nothing here runs in the tests.
+
+Run (from the repository root, with the package installed or on PYTHONPATH)::
+
+    python benchmarks/unet.py --configs tiny,medium [--batch 2] [--iters 10] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import diffusers
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from parrot_jax import hub
+
+CONFIG_NAMES = ("tiny", "medium")
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A named benchmark configuration: diffusers UNet kwargs plus input sizes."""
+
+    name: str
+    unet_kwargs: dict[str, Any]
+    size: int  # latent height and width
+    text_len: int  # context tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the result table."""
+
+    config: str
+    mode: str
+    ours_ms: float
+    torch_ms: float
+    compile_s: float
+
+
+def make_case(name: str) -> Case:
+    """The diffusers ``UNet2DConditionModel`` kwargs and input sizes of a named config."""
+    common: dict[str, Any] = dict(in_channels=4, out_channels=4, layers_per_block=2)
+    if name == "tiny":
+        kwargs = dict(common, sample_size=16, block_out_channels=(32, 64),
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                      cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+        return Case(name, kwargs, size=16, text_len=77)
+    if name == "medium":  # SD 1.x layout, narrower and one level shallower
+        kwargs = dict(common, sample_size=32, block_out_channels=(128, 256, 512),
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                        "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                      cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+        return Case(name, kwargs, size=32, text_len=77)
+    raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+
+
+def make_inputs(case: Case, batch: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """``(sample NCHW, timesteps [B] int64, context [B, L, D])`` as float32 / int numpy arrays."""
+    rng = np.random.default_rng(seed)
+    cfg = case.unet_kwargs
+    sample = rng.standard_normal((batch, cfg["in_channels"], case.size, case.size), np.float32)
+    timesteps = rng.integers(0, 1000, size=(batch,), dtype=np.int64)
+    context = rng.standard_normal((batch, case.text_len, cfg["cross_attention_dim"]), np.float32)
+    return sample, timesteps, context
+
+
+def build_models(case: Case) -> tuple[torch.nn.Module, Any, Any]:
+    """Diffusers' torch UNet with random weights, and ours loaded from the same weights."""
+    torch.manual_seed(0)
+    torch_model = diffusers.UNet2DConditionModel(**case.unet_kwargs).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model.save_pretrained(tmp)
+        module, params = hub.load_unet(tmp, dtype=jnp.float32)
+    return torch_model, module, params
+
+
+def median_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds; ``fn`` must return once its work is done."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
+    """``jax.jit(fn)`` compiled for ``args`` and the seconds tracing + lowering + compiling took."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def bench_ours(module: Any, params: Any, inputs: Sequence[np.ndarray], iters: int,
+               warmup: int) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
+    """``{mode: (median ms, compile s)}`` for our UNet, and its forward output (NCHW)."""
+    sample, timesteps, context = inputs
+    args = (params, jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(timesteps, jnp.int32),
+            jnp.asarray(context))
+
+    def forward(p: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
+        return module.apply({"params": p}, x, t, c)
+
+    def loss(p: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
+        return jnp.mean(forward(p, x, t, c) ** 2)
+
+    results = {}
+    fns = {"fwd": forward, "fwd+bwd": jax.value_and_grad(loss)}
+    for mode, fn in fns.items():
+        compiled, compile_s = compile_timed(fn, *args)
+        ms = median_ms(lambda c=compiled: jax.block_until_ready(c(*args)), iters, warmup)
+        results[mode] = (ms, compile_s)
+    out = np.asarray(jax.jit(forward)(*args)).transpose(0, 3, 1, 2)
+    return results, out
+
+
+def bench_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray], iters: int,
+                warmup: int) -> tuple[dict[str, float], np.ndarray]:
+    """``{mode: median ms}`` for diffusers' UNet, and its forward output (NCHW)."""
+    sample, timesteps, context = (torch.from_numpy(a) for a in inputs)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return model(sample, timesteps, context, return_dict=False)[0]
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        loss = model(sample, timesteps, context, return_dict=False)[0].pow(2).mean()
+        loss.backward()
+
+    results = {"fwd": median_ms(forward, iters, warmup),
+               "fwd+bwd": median_ms(forward_backward, iters, warmup)}
+    return results, forward().numpy()
+
+
+def run_case(case: Case, batch: int, iters: int, warmup: int) -> tuple[list[Row], float]:
+    """Table rows for one config and the max |ours - torch| of the forward outputs."""
+    torch_model, module, params = build_models(case)
+    inputs = make_inputs(case, batch)
+    ours, ours_out = bench_ours(module, params, inputs, iters, warmup)
+    theirs, torch_out = bench_torch(torch_model, inputs, iters, warmup)
+    rows = [Row(case.name, mode, ours[mode][0], theirs[mode], ours[mode][1]) for mode in MODES]
+    return rows, float(np.max(np.abs(ours_out - torch_out)))
+
+
+def pin_threads(threads: int | None) -> None:
+    """Limit XLA (via CPU affinity, before its backend starts) and torch to ``threads`` cores."""
+    if threads is None:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 1 <= threads <= len(cpus):
+        raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
+    os.sched_setaffinity(0, set(cpus[:threads]))
+    torch.set_num_threads(threads)
+
+
+def environment_lines(args: argparse.Namespace) -> list[str]:
+    """Versions, devices and thread settings, for the header."""
+    return [
+        f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"usable cores (affinity)={len(os.sched_getaffinity(0))}",
+        f"jax devices: {jax.devices()}",
+        f"threads: torch intra-op={torch.get_num_threads()}, "
+        f"inter-op={torch.get_num_interop_threads()}; XLA CPU pool sized to the usable cores "
+        f"({'pinned by --threads' if args.threads else 'all of them'}); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}",
+        f"float32, batch {args.batch}, {args.iters} timed iters after {args.warmup} warm-up, "
+        "median",
+    ]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The result table as aligned text."""
+    head = (f"{'config':<8} {'mode':<8} {'ours ms':>10} {'torch ms':>10} {'torch/ours':>11} "
+            f"{'ours compile s':>15}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.config:<8} {r.mode:<8} {r.ours_ms:>10.2f} {r.torch_ms:>10.2f} "
+                     f"{r.torch_ms / r.ours_ms:>11.2f} {r.compile_s:>15.2f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="tiny,medium",
+                        help=f"comma-separated subset of {','.join(CONFIG_NAMES)}")
+    parser.add_argument("--batch", type=int, default=2, help="batch size")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin XLA and torch to this many cores (default: all)")
+    args = parser.parse_args(argv)
+    args.config_names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(args.config_names) - set(CONFIG_NAMES))
+    if unknown or not args.config_names:
+        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIG_NAMES)}")
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("--batch and --iters must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    pin_threads(args.threads)  # before the first jax computation starts XLA's CPU backend
+    jax.config.update("jax_platforms", "cpu")
+    print("\n".join(environment_lines(args)), flush=True)
+    rows = []
+    for name in args.config_names:
+        case_rows, max_diff = run_case(make_case(name), args.batch, args.iters, args.warmup)
+        print(f"{name}: forward max |ours - torch| = {max_diff:.2e}", flush=True)
+        rows.extend(case_rows)
+    print()
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Full-size SD 1.5 / 2.1 UNets and VAE: every PyTorch key maps to exactly one of our params.
+
+The reference models are built on torch's ``meta`` device (keys and shapes, no memory); ours are
+traced with ``jax.eval_shape``. ``plan_conversion`` raises on any missing, unexpected, duplicate
+or mis-shaped key, so a passing plan covers both directions.
+"""
+
+import math
+
+import jax
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchVAE
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax.traverse_util import flatten_dict
+
+from parrot_jax.convert import plan_conversion
+from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
+from parrot_jax.models.vae import AutoencoderKL, VAEConfig
+
+_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+)
+# unet/config.json of stable-diffusion-v1-5 and of stable-diffusion-2-1 (768, v-prediction).
+SD15_UNET = dict(
+    _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8,
+    center_input_sample=False, cross_attention_dim=768, downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4,
+    sample_size=64, **_BLOCKS,
+)
+SD21_UNET = dict(
+    SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+    dual_cross_attention=False, num_class_embeds=None, only_cross_attention=False,
+    sample_size=96, use_linear_projection=True, upcast_attention=True,
+)
+SD_VAE = dict(
+    _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4,
+    layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=768,
+    up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215,
+)
+
+
+def _torch_shapes(cls, config):
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _our_shapes(module):
+    tree = jax.eval_shape(module.init_params, jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
+
+
+@pytest.mark.parametrize("name,config,n_params", [("sd15", SD15_UNET, 859_520_964),
+                                                   ("sd21", SD21_UNET, 865_910_724)])
+def test_unet_keys_cover_full_size(name, config, n_params):
+    ref = _torch_shapes(TorchUNet, config)
+    ours = _our_shapes(UNet2DConditionModel(UNetConfig.from_diffusers(config)))
+    plan = plan_conversion(ref, ours, source=name)
+    assert len(plan) == len(ref) == len(ours)
+    assert {p for p, _ in plan.values()} == set(ours)
+    # Spot-check the names and layouts other code (LoRA / trainable regexes) relies on.
+    attn2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert plan[attn2] == (("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2",
+                            "key", "kernel"), "transpose")
+    assert plan["conv_in.weight"] == (("conv_in", "kernel"), "conv")
+    proj = "mid_block.attentions.0.proj_in.weight"
+    assert plan[proj][1] == ("transpose" if config.get("use_linear_projection") else "conv")
+    assert sum(math.prod(s) for s in ours.values()) == n_params  # the published counts
+
+
+def test_vae_keys_cover_full_size():
+    ref = _torch_shapes(TorchVAE, SD_VAE)
+    ours = _our_shapes(AutoencoderKL(VAEConfig.from_diffusers(SD_VAE)))
+    plan = plan_conversion(ref, ours, source="sd-vae")
+    assert len(plan) == len(ref) == len(ours)
+    assert plan["encoder.mid_block.attentions.0.to_q.weight"][0] == (
+        "encoder", "mid_block", "attentions_0", "query", "kernel")
+    assert sum(math.prod(s) for s in ours.values()) == 83_653_863
