@@ -98,6 +98,7 @@ def plan_conversion(
     plan: dict[str, tuple[Path, str]] = {}
     claimed: dict[Path, str] = {}
     unexpected, mismatched, duplicated = [], [], []
+    mismatched_targets: set[Path] = set()
     for key, shape in source_shapes.items():
         if any(p.fullmatch(key) for p in ignore_res):
             continue
@@ -110,6 +111,7 @@ def plan_conversion(
             continue
         transform = layout_transform(target[-1], tuple(shape), tuple(target_shapes[target]))
         if transform is None:
+            mismatched_targets.add(target)
             mismatched.append(f"{key} {tuple(shape)} -> {'/'.join(target)} "
                               f"{tuple(target_shapes[target])}")
             continue
@@ -118,9 +120,9 @@ def plan_conversion(
             continue
         claimed[target] = key
         plan[key] = (target, transform)
-    missing = ["/".join(t) for t in target_shapes if t not in claimed]
     # A mis-shaped key is reported once, as a mismatch, not again as missing.
-    missing = [m for m in missing if not any(f"-> {m} " in x for x in mismatched)]
+    missing = ["/".join(t) for t in target_shapes
+               if t not in claimed and t not in mismatched_targets]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing parameter(s) (ours, absent from the "

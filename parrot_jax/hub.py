@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,14 +213,22 @@ def _check_flax_tree(flat: dict, target: dict, where: str) -> None:
 def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
                  variant: str | None = None, param_dtype: Any = jnp.float32,
                  torch_stem: str = DIFFUSERS_WEIGHTS,
-                 flax_stem: str = DIFFUSERS_FLAX_WEIGHTS) -> dict:
-    """Read, convert and check a folder's weights against the tree ``init(key)`` would build."""
+                 flax_stem: str = DIFFUSERS_FLAX_WEIGHTS,
+                 renames: Mapping[str, str] | None = None,
+                 ignore: Iterable[str] = ()) -> dict:
+    """Read, convert and check a folder's weights against the tree ``init(key)`` would build.
+
+    ``torch_stem`` / ``flax_stem``: weight file names without extension (diffusers'
+    ``diffusion_pytorch_model``; transformers' ``model`` and ``flax_model``). ``renames`` and
+    ``ignore`` go to ``plan_conversion`` (module renames; regexes of non-parameter keys).
+    """
     target = _target_shapes(init)
     files = _safetensors_files(source, torch_stem, variant)
     if files is not None:
         reader = _SafetensorsReader(files)
         where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-        plan = plan_conversion(reader.shapes, target, source=where)
+        extra = {} if renames is None else {"renames": renames}
+        plan = plan_conversion(reader.shapes, target, source=where, ignore=ignore, **extra)
         flat = {}
         for key, (path, transform) in plan.items():
             value = apply_transform(reader.get(key), transform)
@@ -246,11 +254,6 @@ def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
                           + hint)
 
 
-def _config_or_raise(build: Callable[[dict, str], Any], source: ModelSource) -> Any:
-    config, where = read_config(source)
-    return build(config, where)
-
-
 def load_unet(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
               variant: str | None = None, revision: str | None = None,
@@ -260,7 +263,7 @@ def load_unet(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
     ``dtype`` is the activation dtype; parameters are cast to ``param_dtype``.
     """
     source = ModelSource(path_or_id, subfolder, revision)
-    config = _config_or_raise(UNetConfig.from_diffusers, source)
+    config = UNetConfig.from_diffusers(*read_config(source))
     module = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
                                   remat_policy=remat_policy)
     params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
@@ -273,7 +276,7 @@ def load_vae(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
              revision: str | None = None) -> tuple[AutoencoderKL, dict]:
     """A diffusers ``AutoencoderKL`` folder or hub id -> ``(module, params)``."""
     source = ModelSource(path_or_id, subfolder, revision)
-    config = _config_or_raise(VAEConfig.from_diffusers, source)
+    config = VAEConfig.from_diffusers(*read_config(source))
     module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
     params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
     return module, params
