@@ -9,7 +9,7 @@ layout transform. Every missing, unexpected, duplicate or mis-shaped key is coll
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -88,11 +88,13 @@ def plan_conversion(
     source: str,
     renames: Mapping[str, str] = _MODULE_RENAMES,
     ignore: Iterable[str] = (),
+    key_fn: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[Path, str]]:
     """Map every torch key to ``(our path, transform)``; raise one CheckpointError otherwise.
 
     source_shapes: torch key -> shape. target_shapes: our flattened parameter path -> shape.
     ``ignore``: regexes of torch keys that are legitimately not parameters of ours (buffers).
+    ``key_fn``: rewrites a key before renaming (e.g. adds a prefix newer libraries drop).
     """
     ignore_res = [re.compile(p) for p in ignore]
     plan: dict[str, tuple[Path, str]] = {}
@@ -102,7 +104,7 @@ def plan_conversion(
     for key, shape in source_shapes.items():
         if any(p.fullmatch(key) for p in ignore_res):
             continue
-        path = torch_key_to_path(key, renames)
+        path = torch_key_to_path(key_fn(key) if key_fn else key, renames)
         module, leaf = path[:-1], path[-1]
         targets = [module + (c,) for c in _LEAF_CANDIDATES.get(leaf, (leaf,))]
         target = next((t for t in targets if t in target_shapes), None)

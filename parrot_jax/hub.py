@@ -1,15 +1,19 @@
-"""Load diffusers model folders (or Hugging Face hub ids) into our linen modules, without torch.
+"""Load diffusers / transformers model folders (or hub ids) into our linen modules, no torch.
 
-A folder holds ``config.json`` and weights: ``diffusion_pytorch_model.safetensors``, sharded
+A diffusers folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``, sharded
 ``*.safetensors.index.json`` + shards, ``variant`` files such as ``*.fp16.safetensors``, or a
-diffusers-Flax ``diffusion_flax_model.msgpack``. A pipeline root (``unet/``, ``vae/`` ...) works
-through ``subfolder``. Every problem raises one ``CheckpointError`` naming the file and keys.
+diffusers-Flax ``diffusion_flax_model.msgpack``; a transformers folder holds ``config.json`` and
+``model.safetensors`` (or shards). A pipeline root (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``) works through ``subfolder``. Every problem raises one ``CheckpointError`` (or
+``ConfigError``) naming the file and keys; nothing is ever loaded partially.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,23 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from parrot_jax.convert import CheckpointError, apply_transform, plan_conversion
+from parrot_jax.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 from parrot_jax.models.config import ConfigError
+from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["CheckpointError", "ConfigError", "load_unet", "load_vae", "ModelSource"]
+__all__ = [
+    "CheckpointError", "ConfigError", "ModelSource", "load_clip", "load_clip_text",
+    "load_clip_vision", "load_t5", "load_tokenizer", "load_unet", "load_vae",
+]
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 DIFFUSERS_FLAX_WEIGHTS = "diffusion_flax_model"
@@ -213,14 +229,17 @@ def _check_flax_tree(flat: dict, target: dict, where: str) -> None:
 def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
                  variant: str | None = None, param_dtype: Any = jnp.float32,
                  torch_stem: str = DIFFUSERS_WEIGHTS,
-                 flax_stem: str = DIFFUSERS_FLAX_WEIGHTS,
+                 flax_stem: str | None = DIFFUSERS_FLAX_WEIGHTS,
                  renames: Mapping[str, str] | None = None,
-                 ignore: Iterable[str] = ()) -> dict:
+                 ignore: Iterable[str] = (),
+                 key_fn: Callable[[str], str] | None = None) -> dict:
     """Read, convert and check a folder's weights against the tree ``init(key)`` would build.
 
     ``torch_stem`` / ``flax_stem``: weight file names without extension (diffusers'
-    ``diffusion_pytorch_model``; transformers' ``model`` and ``flax_model``). ``renames`` and
-    ``ignore`` go to ``plan_conversion`` (module renames; regexes of non-parameter keys).
+    ``diffusion_pytorch_model`` / ``diffusion_flax_model``; transformers' ``model``, whose Flax
+    layout differs from ours, so ``flax_stem=None`` there). ``renames``, ``ignore`` and
+    ``key_fn`` go to ``plan_conversion`` (module renames; regexes of non-parameter keys; a key
+    rewrite).
     """
     target = _target_shapes(init)
     files = _safetensors_files(source, torch_stem, variant)
@@ -228,13 +247,14 @@ def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
         reader = _SafetensorsReader(files)
         where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
         extra = {} if renames is None else {"renames": renames}
-        plan = plan_conversion(reader.shapes, target, source=where, ignore=ignore, **extra)
+        plan = plan_conversion(reader.shapes, target, source=where, ignore=ignore,
+                               key_fn=key_fn, **extra)
         flat = {}
         for key, (path, transform) in plan.items():
             value = apply_transform(reader.get(key), transform)
             flat[path] = jnp.asarray(value, dtype=param_dtype)
         return unflatten_dict(flat)
-    msgpack = source.file(_variant_name(flax_stem, "msgpack", variant))
+    msgpack = flax_stem and source.file(_variant_name(flax_stem, "msgpack", variant))
     if msgpack is not None:
         try:
             tree = serialization.msgpack_restore(msgpack.read_bytes())
@@ -245,13 +265,15 @@ def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
         flat = flatten_dict(tree) if isinstance(tree, dict) else {}
         _check_flax_tree(flat, target, str(msgpack))
         return unflatten_dict({k: jnp.asarray(v, dtype=param_dtype) for k, v in flat.items()})
-    bins = [n for n in (_variant_name(torch_stem, "bin", variant),) if source.file(n)]
+    pickles = [_variant_name(stem, "bin", variant) for stem in (torch_stem, "pytorch_model")]
+    bins = [name for name in pickles if source.file(name)]
     hint = (f"; found {bins[0]}: PyTorch pickles need torch to read, convert it to safetensors"
             if bins else "")
-    wanted = _variant_name(torch_stem, "safetensors", variant)
-    raise CheckpointError(f"{source.where}: no weights found (looked for {wanted}, its "
-                          f"sharded index, and {_variant_name(flax_stem, 'msgpack', variant)})"
-                          + hint)
+    wanted = [_variant_name(torch_stem, "safetensors", variant), "its sharded index"]
+    if flax_stem:
+        wanted.append(_variant_name(flax_stem, "msgpack", variant))
+    raise CheckpointError(f"{source.where}: no weights found (looked for "
+                          f"{', '.join(wanted)}){hint}")
 
 
 def load_unet(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
@@ -279,4 +301,181 @@ def load_vae(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
     config = VAEConfig.from_diffusers(*read_config(source))
     module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
     params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
+    return module, params
+
+
+# --- transformers: CLIP and tokenizers -----------------------------------------------------
+
+TRANSFORMERS_WEIGHTS = "model"
+# Old checkpoints saved the position-id buffer; it is not a parameter.
+_BUFFERS = (r".*\.position_ids",)
+_TEXT_TOWER = (r"text_model\..*", r"text_projection\..*")
+_VISION_TOWER = (r"vision_model\..*", r"visual_projection\..*")
+
+
+def _clip_kind(config: dict[str, Any], where: str, allowed: tuple[str, ...]) -> str:
+    kind = config.get("model_type", allowed[-1])
+    if kind not in allowed:
+        raise CheckpointError(f"{where}: model_type {kind!r} is not one of {', '.join(allowed)}")
+    return kind
+
+
+def _has_projection(config: dict[str, Any], name: str) -> bool:
+    return name in (config.get("architectures") or [])
+
+
+def clip_tower_key_fn(tower: str) -> Callable[[str], str]:
+    """Adds the ``tower.`` prefix (``text_model`` / ``vision_model``) that transformers >= 5
+    drops when it saves a bare CLIPTextModel / CLIPVisionModel; older checkpoints (SD's text
+    encoder among them) keep it, so both layouts load."""
+    keep = (f"{tower}.", "text_projection.", "visual_projection.", "logit_scale")
+    return lambda key: key if key.startswith(keep) else f"{tower}.{key}"
+
+
+def _load_transformers(source: ModelSource, module: Any, ignore: Iterable[str],
+                       param_dtype: Any, tower: str | None = None) -> dict:
+    """Weights of a transformers folder; ``tower``: see ``clip_tower_key_fn``."""
+    return load_weights(source, module.init_params, param_dtype=param_dtype,
+                        torch_stem=TRANSFORMERS_WEIGHTS, flax_stem=None,
+                        ignore=tuple(ignore) + _BUFFERS,
+                        key_fn=clip_tower_key_fn(tower) if tower else None)
+
+
+def load_clip_text(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                   dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                   revision: str | None = None) -> tuple[CLIPTextModel, dict]:
+    """A CLIP text encoder -> ``(module, params)``.
+
+    Reads ``CLIPTextModel`` folders (SD's ``text_encoder``), ``CLIPTextModelWithProjection``
+    folders (with ``text_projection``), and full ``CLIPModel`` folders, whose vision tower is
+    skipped deliberately.
+    """
+    source = ModelSource(path_or_id, subfolder, revision)
+    config, where = read_config(source)
+    if _clip_kind(config, where, ("clip", "clip_text_model")) == "clip":
+        text = CLIPConfig.from_transformers(config, where).text
+        ignore = _VISION_TOWER + (r"logit_scale",)
+    else:
+        dim = config.get("projection_dim", 512) if _has_projection(
+            config, "CLIPTextModelWithProjection") else None
+        text, ignore = CLIPTextConfig.from_transformers(config, where, dim), ()
+    module = CLIPTextModel(text, dtype=dtype, param_dtype=param_dtype)
+    return module, _load_transformers(source, module, ignore, param_dtype, "text_model")
+
+
+def load_clip_vision(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                     revision: str | None = None) -> tuple[CLIPVisionModel, dict]:
+    """A CLIP image encoder (``CLIPVisionModelWithProjection``, ``CLIPVisionModel`` or the vision
+    tower of a full ``CLIPModel`` folder) -> ``(module, params)``."""
+    source = ModelSource(path_or_id, subfolder, revision)
+    config, where = read_config(source)
+    if _clip_kind(config, where, ("clip", "clip_vision_model")) == "clip":
+        vision = CLIPConfig.from_transformers(config, where).vision
+        ignore = _TEXT_TOWER + (r"logit_scale",)
+    else:
+        dim = config.get("projection_dim", 512) if _has_projection(
+            config, "CLIPVisionModelWithProjection") else None
+        vision, ignore = CLIPVisionConfig.from_transformers(config, where, dim), ()
+    module = CLIPVisionModel(vision, dtype=dtype, param_dtype=param_dtype)
+    return module, _load_transformers(source, module, ignore, param_dtype, "vision_model")
+
+
+def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+              dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+              revision: str | None = None) -> tuple[CLIPModel, dict]:
+    """A full ``CLIPModel`` folder (openai/clip-*, laion/CLIP-ViT-H-14, PickScore) ->
+    ``(module, params)`` with both towers, both projections and ``logit_scale``."""
+    source = ModelSource(path_or_id, subfolder, revision)
+    config, where = read_config(source)
+    _clip_kind(config, where, ("clip",))
+    module = CLIPModel(CLIPConfig.from_transformers(config, where), dtype=dtype,
+                       param_dtype=param_dtype)
+    return module, _load_transformers(source, module, (), param_dtype)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                   revision: str | None = None) -> Any:
+    """A transformers tokenizer (fast, ``tokenizers``-backed; no torch) from a folder or hub id.
+
+    A pipeline root works with ``subfolder='tokenizer'``.
+    """
+    from transformers import AutoTokenizer
+
+    source = ModelSource(path_or_id, subfolder, revision)
+    # transformers 5 builds an *empty* tokenizer from a bare tokenizer_config.json; refuse that.
+    vocab_files = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+    if not any(source.file(name) for name in vocab_files):
+        raise CheckpointError(f"{source.where}: no tokenizer vocabulary (looked for "
+                              f"{', '.join(vocab_files)})")
+    target = str(source.root) if source.root is not None else source.name
+    kwargs = {} if source.root is not None else {"subfolder": subfolder or "",
+                                                  "revision": revision}
+    try:
+        return AutoTokenizer.from_pretrained(target, **kwargs)
+    except Exception as e:  # transformers raises OSError / ValueError / KeyError here
+        raise CheckpointError(f"{source.where}: cannot load a tokenizer: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+# --- transformers: T5 ----------------------------------------------------------------------
+
+# Stored aliases of ``shared.weight``: transformers 5 writes none, older exports may write them.
+_T5_EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# A cross-attention bias table some old checkpoints carry; T5 never uses it (transformers skips it).
+_T5_UNUSED = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
+
+
+def _t5_tied_copies(reader: _SafetensorsReader, tie: bool, where: str) -> tuple[bool, list[str]]:
+    """Whether the LM head is tied to ``shared``, and the stored copies of ``shared.weight`` to
+    skip (each checked to be an exact copy; a different input embedding raises)."""
+    if "shared.weight" not in reader.shapes:
+        return tie, []  # load_weights reports shared/embedding as missing
+    shared = reader.get("shared.weight")
+
+    def same(key: str) -> bool:
+        return reader.shapes[key] == shared.shape and np.array_equal(reader.get(key), shared)
+
+    copies = []
+    for key in _T5_EMBED_ALIASES:
+        if key in reader.shapes:
+            if not same(key):
+                raise CheckpointError(f"{where}: {key} differs from shared.weight (separate input "
+                                      "embeddings are not supported)")
+            copies.append(key)
+    if tie and "lm_head.weight" in reader.shapes:
+        if same("lm_head.weight"):
+            copies.append("lm_head.weight")
+        else:  # what transformers 5 does too: a stored head that differs is a separate head
+            tie = False
+    return tie, copies
+
+
+def load_t5(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+            dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+            revision: str | None = None) -> tuple[T5ForConditionalGeneration, dict]:
+    """A transformers ``T5ForConditionalGeneration`` folder or hub id (``config.json`` +
+    ``model.safetensors`` or its sharded index) -> ``(module, params)``.
+
+    The token embedding is loaded once, as ``shared``. Whether the LM head is tied: a config's
+    ``tie_word_embeddings: false`` (T5 v1.1 / FLAN-T5 as published) means a separate
+    ``lm_head.weight``, which must then be present. transformers 5 always writes ``true`` and
+    stores a separate head only when it differs, so a stored ``lm_head.weight`` that differs from
+    ``shared.weight`` is a separate head whatever the config says, and an identical one is a tied
+    copy. Tied copies (``lm_head``, ``encoder.embed_tokens``, ``decoder.embed_tokens``) are
+    skipped only after checking they equal ``shared.weight``, which reads that tensor twice.
+    """
+    source = ModelSource(path_or_id, subfolder, revision)
+    config, where = read_config(source)
+    config = T5Config.from_transformers(config, where)
+    ignore = list(_T5_UNUSED)
+    files = _safetensors_files(source, "model", None)
+    if files is not None:
+        reader = _SafetensorsReader(files)
+        tie, copies = _t5_tied_copies(reader, config.tie_word_embeddings, str(files[0]))
+        config = dataclasses.replace(config, tie_word_embeddings=tie)
+        ignore += [re.escape(key) for key in copies]
+    module = T5ForConditionalGeneration(config, dtype=dtype, param_dtype=param_dtype)
+    params = load_weights(source, module.init_params, param_dtype=param_dtype, torch_stem="model",
+                          flax_stem=None, ignore=ignore)
     return module, params

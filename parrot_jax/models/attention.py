@@ -35,27 +35,33 @@ class Attention(nn.Module):
                                     dtype=self.dtype, param_dtype=self.param_dtype)
 
 
+DIFFUSERS_NAMES = ("query", "key", "value", "proj_attn")
+
+
 def multi_head_attention(x: jax.Array, context: jax.Array, heads: int, head_dim: int, *,
-                         qkv_bias: bool, upcast: bool, dtype: Dtype,
-                         param_dtype: Dtype) -> jax.Array:
+                         qkv_bias: bool, upcast: bool, dtype: Dtype, param_dtype: Dtype,
+                         mask: jax.Array | None = None, is_causal: bool = False,
+                         names: tuple[str, str, str, str] = DIFFUSERS_NAMES) -> jax.Array:
     """Attention whose projections become children of the calling compact module.
 
-    x ``[B, T, D]``, context ``[B, S, Dc]`` -> ``[B, T, D]``. Called from a compact method so
-    both the UNet's ``attn1``/``attn2`` and the VAE's flat ``attentions_0`` own the
-    ``query``/``key``/``value``/``proj_attn`` parameters directly.
+    x ``[B, T, D]``, context ``[B, S, Dc]`` -> ``[B, T, D]``; ``mask`` boolean, broadcastable to
+    ``[B, heads, T, S]``, True where attending is allowed. Called from a compact method so the
+    UNet's ``attn1``/``attn2``, the VAE's flat ``attentions_0`` and CLIP's ``self_attn`` own the
+    q / k / v / out projections directly, under the checkpoint's ``names`` for them.
     """
     inner = heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    q = nn.Dense(inner, use_bias=qkv_bias, name="query", **kw)(x)
-    k = nn.Dense(inner, use_bias=qkv_bias, name="key", **kw)(context)
-    v = nn.Dense(inner, use_bias=qkv_bias, name="value", **kw)(context)
+    q_name, k_name, v_name, out_name = names
+    q = nn.Dense(inner, use_bias=qkv_bias, name=q_name, **kw)(x)
+    k = nn.Dense(inner, use_bias=qkv_bias, name=k_name, **kw)(context)
+    v = nn.Dense(inner, use_bias=qkv_bias, name=v_name, **kw)(context)
     split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # noqa: E731
     q, k, v = split(q), split(k), split(v)
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     out = out.reshape(out.shape[:2] + (inner,)).astype(dtype)
-    return nn.Dense(x.shape[-1], name="proj_attn", **kw)(out)
+    return nn.Dense(x.shape[-1], name=out_name, **kw)(out)
 
 
 class GEGLU(nn.Module):

@@ -39,10 +39,15 @@ class ConfigReader:
         return self.get(key, default, lambda v: v in allowed_values,
                         f"unsupported; supported: {', '.join(map(repr, allowed_values))}")
 
-    def finish(self) -> None:
-        """Raise one ConfigError for unknown keys and all recorded problems."""
+    def finish(self, *, allow_unknown: bool = False) -> None:
+        """Raise one ConfigError for all recorded problems, and for unknown keys unless allowed.
+
+        transformers configs carry dozens of generic legacy keys (generation settings, label maps)
+        that do not touch the architecture, so their readers pass ``allow_unknown=True`` and read
+        every architecture key explicitly instead.
+        """
         problems = list(self.problems)
-        if self._rest:
+        if self._rest and not allow_unknown:
             problems.append("unknown keys: " + ", ".join(sorted(self._rest)))
         if problems:
             raise ConfigError(f"{self.source}: " + "; ".join(problems))

@@ -335,7 +335,7 @@ class UNet2DConditionModel(nn.Module):
         return x.astype(out_dtype)
 
     def init_params(self, key: jax.Array, batch: int = 1, size: int | None = None,
-                    text_len: int = 77) -> Any:
+                    text_len: int = 1) -> Any:
         """Random parameters (jitted init on dummy inputs of a valid shape)."""
         side = size or 2 ** (len(self.config.block_out_channels) - 1) * 2
         x = jnp.zeros((batch, side, side, self.config.in_channels), jnp.float32)
