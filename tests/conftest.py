@@ -83,3 +83,44 @@ def nchw(x: np.ndarray):
 
 def nhwc(t) -> np.ndarray:
     return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+# Tiny transformers T5 configs (kwargs of transformers.T5Config): 8 buckets up to distance 20, so
+# sequences of ~40 tokens reach the logarithmic and the clipped buckets. The first is the original
+# T5 (relu, tied head, rescaled output; deeper decoder than encoder), the second FLAN-T5's layout.
+TINY_T5 = dict(
+    vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+    relative_attention_num_buckets=8, relative_attention_max_distance=20,
+    feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0,
+)
+TINY_FLAN_T5 = dict(TINY_T5, num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False)
+
+
+def tiny_t5_torch(config: dict, seed: int = 0, ff_scale: float = 1.0):
+    """A transformers ``T5ForConditionalGeneration`` with non-trivial random weights, in eval mode.
+
+    Layer norms ~ 1 + 0.2 N(0, 1) and relative-position tables ~ N(0, 1) (so the bias matters),
+    the rest T5's init plus noise, feed-forward and attention-output weights times ``ff_scale``.
+    ``tie_word_embeddings=False`` gets its own ``lm_head`` (transformers 5 ties it regardless).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
+    if not config.get("tie_word_embeddings", True):
+        model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn(model.lm_head.weight.shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape))
+            elif "relative_attention_bias" in name:
+                p.copy_(torch.randn(p.shape))
+            elif name == "shared.weight":
+                p.mul_(0.3)
+            elif name != "lm_head.weight":
+                p.add_(0.05 * torch.randn(p.shape))
+                if "DenseReluDense" in name or name.endswith(".o.weight"):
+                    p.mul_(ff_scale)
+    return model.eval()

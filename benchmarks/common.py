@@ -1,0 +1,59 @@
+"""Timing helpers shared by the benchmark scripts (run as ``python benchmarks/NAME.py``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def median_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds; ``fn`` must return once its work is done."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
+    """``jax.jit(fn)`` compiled for ``args`` and the seconds tracing + lowering + compiling took."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def pin_threads(threads: int | None) -> None:
+    """Limit XLA (via CPU affinity, before its backend starts) and torch to ``threads`` cores."""
+    import torch
+
+    if threads is None:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 1 <= threads <= len(cpus):
+        raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
+    os.sched_setaffinity(0, set(cpus[:threads]))
+    torch.set_num_threads(threads)
+
+
+def environment_lines(threads: int | None, extra: str = "") -> list[str]:
+    """Versions, cores and thread settings, for a benchmark's header."""
+    import flax
+    import torch
+
+    return [
+        f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
+        f"torch {torch.__version__}{extra}",
+        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"usable cores (affinity)={len(os.sched_getaffinity(0))}, jax devices: {jax.devices()}",
+        f"threads: torch intra-op={torch.get_num_threads()}; XLA CPU pool sized to the usable "
+        f"cores ({'pinned by --threads' if threads else 'all of them'})",
+    ]
