@@ -18,6 +18,16 @@ Threads: by default XLA's CPU runtime and torch both use every core the process 
 sizes XLA's thread pool to N) and calls ``torch.set_num_threads(N)``. The header prints what was
 used. Timings on a shared machine are indicative only; nothing here runs in the tests.
 
+Two things that move the numbers a lot on small shared machines:
+
+* torch's OpenMP workers busy-wait, so when another process holds a core, ``--threads`` equal to
+  the core count can slow torch down by 10-100x; use ``--threads 1`` on a busy 2-core machine.
+* XLA:CPU takes each call's large temporaries from glibc ``malloc``, which serves them with fresh
+  ``mmap`` pages, so every call pays page faults (in a VM, seconds per medium fwd+bwd). To compare
+  compute only, keep freed memory in the heap for both libraries by running with the environment
+  variable ``GLIBC_TUNABLES`` set to
+  ``glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000``.
+
 Run (from the repository root, with the package installed or on PYTHONPATH)::
 
     python benchmarks/unet.py --configs tiny,medium [--batch 2] [--iters 10] [--threads N]
