@@ -39,10 +39,8 @@ import argparse
 import dataclasses
 import os
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import diffusers
@@ -51,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import compile_timed, median_ms, pin_threads
 
 from parrot_jax import hub
 
@@ -118,25 +117,6 @@ def build_models(case: Case) -> tuple[torch.nn.Module, Any, Any]:
     return torch_model, module, params
 
 
-def median_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds; ``fn`` must return once its work is done."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
-    """``jax.jit(fn)`` compiled for ``args`` and the seconds tracing + lowering + compiling took."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - start
-
-
 def bench_ours(module: Any, params: Any, inputs: Sequence[np.ndarray], iters: int,
                warmup: int) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
     """``{mode: (median ms, compile s)}`` for our UNet, and its forward output (NCHW)."""
@@ -187,17 +167,6 @@ def run_case(case: Case, batch: int, iters: int, warmup: int) -> tuple[list[Row]
     theirs, torch_out = bench_torch(torch_model, inputs, iters, warmup)
     rows = [Row(case.name, mode, ours[mode][0], theirs[mode], ours[mode][1]) for mode in MODES]
     return rows, float(np.max(np.abs(ours_out - torch_out)))
-
-
-def pin_threads(threads: int | None) -> None:
-    """Limit XLA (via CPU affinity, before its backend starts) and torch to ``threads`` cores."""
-    if threads is None:
-        return
-    cpus = sorted(os.sched_getaffinity(0))
-    if not 1 <= threads <= len(cpus):
-        raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
-    os.sched_setaffinity(0, set(cpus[:threads]))
-    torch.set_num_threads(threads)
 
 
 def environment_lines(args: argparse.Namespace) -> list[str]:
