@@ -33,20 +33,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import flax
+import common
 import jax
 import numpy as np
 import torch
 import transformers
+from common import compile_timed, pin_threads
 
 from parrot_jax import hub
 from parrot_jax.models.t5 import greedy_decode
@@ -98,23 +95,9 @@ def build_models(name: str) -> tuple[torch.nn.Module, Any, Any]:
     return model, module, params
 
 
-def median_s(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in seconds; ``fn`` must return once its work is done."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
-    """``jax.jit(fn)`` compiled for ``args`` and the seconds tracing + lowering + compiling took."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - start
+def seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    return common.median_ms(fn, iters, warmup) / 1e3
 
 
 def run_case(name: str, args: argparse.Namespace) -> Result:
@@ -131,7 +114,7 @@ def run_case(name: str, args: argparse.Namespace) -> Result:
 
     decode, compile_decode = compile_timed(
         partial(greedy_decode, module, max_new_tokens=args.new_tokens), params, ids, mask)
-    ours_s = median_s(lambda: jax.block_until_ready(decode(params, ids, mask)), args.iters,
+    ours_s = seconds(lambda: jax.block_until_ready(decode(params, ids, mask)), args.iters,
                       args.warmup)
     ours_tokens = np.asarray(decode(params, ids, mask))
 
@@ -142,21 +125,21 @@ def run_case(name: str, args: argparse.Namespace) -> Result:
             return model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=False,
                                   num_beams=1, max_new_tokens=args.new_tokens)
 
-    torch_s = median_s(generate, args.iters, args.warmup)
+    torch_s = seconds(generate, args.iters, args.warmup)
     torch_tokens = generate().numpy()[:, 1:]
 
     def ours_forward(p: Any, i: Any, m: Any, d: Any) -> jax.Array:
         return module.apply({"params": p}, i, m, d)
 
     forward, compile_fwd = compile_timed(ours_forward, params, ids, mask, dec)
-    ours_fwd = median_s(lambda: jax.block_until_ready(forward(params, ids, mask, dec)),
+    ours_fwd = seconds(lambda: jax.block_until_ready(forward(params, ids, mask, dec)),
                         args.iters, args.warmup)
 
     def torch_forward() -> torch.Tensor:
         with torch.no_grad():
             return model(input_ids=t_ids, attention_mask=t_mask, decoder_input_ids=t_dec).logits
 
-    torch_fwd = median_s(torch_forward, args.iters, args.warmup)
+    torch_fwd = seconds(torch_forward, args.iters, args.warmup)
     diff = np.abs(np.asarray(forward(params, ids, mask, dec)) - torch_forward().numpy()).max()
     same = float(np.mean(ours_tokens == torch_tokens)) if ours_tokens.shape == \
         torch_tokens.shape else 0.0
@@ -164,31 +147,13 @@ def run_case(name: str, args: argparse.Namespace) -> Result:
                   compile_decode, compile_fwd, same, float(diff))
 
 
-def pin_threads(threads: int | None) -> None:
-    """Limit XLA (via CPU affinity, before its backend starts) and torch to ``threads`` cores."""
-    if threads is None:
-        return
-    cpus = sorted(os.sched_getaffinity(0))
-    if not 1 <= threads <= len(cpus):
-        raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
-    os.sched_setaffinity(0, set(cpus[:threads]))
-    torch.set_num_threads(threads)
-
-
 def environment_lines(args: argparse.Namespace) -> list[str]:
     """Versions, devices, threads and sizes, for the header."""
-    return [
-        f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}",
-        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-        f"usable cores (affinity)={len(os.sched_getaffinity(0))}, load average "
-        f"{os.getloadavg()[0]:.1f}",
-        f"jax devices: {jax.devices()}",
-        f"threads: torch intra-op={torch.get_num_threads()}; XLA CPU pool sized to the usable "
-        f"cores ({'pinned by --threads' if args.threads else 'all of them'})",
+    return common.environment_lines(args.threads, f", transformers {transformers.__version__}") + [
         f"float32, batch {args.batch}, source {args.src_len} tokens, {args.new_tokens} new "
         f"tokens, {args.iters} timed iters after {args.warmup} warm-up, median",
     ]
+
 
 
 def format_table(results: Sequence[Result]) -> str:

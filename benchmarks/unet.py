@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import common
 import diffusers
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,20 +168,12 @@ def run_case(case: Case, batch: int, iters: int, warmup: int) -> tuple[list[Row]
 
 
 def environment_lines(args: argparse.Namespace) -> list[str]:
-    """Versions, devices and thread settings, for the header."""
-    return [
-        f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}",
-        f"cpu: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-        f"usable cores (affinity)={len(os.sched_getaffinity(0))}",
-        f"jax devices: {jax.devices()}",
-        f"threads: torch intra-op={torch.get_num_threads()}, "
-        f"inter-op={torch.get_num_interop_threads()}; XLA CPU pool sized to the usable cores "
-        f"({'pinned by --threads' if args.threads else 'all of them'}); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}",
+    """Versions, devices, thread settings and sizes, for the header."""
+    return common.environment_lines(args.threads, f", diffusers {diffusers.__version__}") + [
         f"float32, batch {args.batch}, {args.iters} timed iters after {args.warmup} warm-up, "
         "median",
     ]
+
 
 
 def format_table(rows: Sequence[Row]) -> str:
