@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -57,3 +58,26 @@ def environment_lines(threads: int | None, extra: str = "") -> list[str]:
         f"threads: torch intra-op={torch.get_num_threads()}; XLA CPU pool sized to the usable "
         f"cores ({'pinned by --threads' if threads else 'all of them'})",
     ]
+
+
+def add_common_args(parser: argparse.ArgumentParser, configs: Sequence[str], *, batch: int,
+                    iters: int, warmup: int) -> None:
+    """The flags every benchmark takes: --configs, --batch, --iters, --warmup, --threads."""
+    parser.add_argument("--configs", default=",".join(configs),
+                        help=f"comma-separated subset of {','.join(configs)}")
+    parser.add_argument("--batch", type=int, default=batch, help="batch size")
+    parser.add_argument("--iters", type=int, default=iters, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin XLA and torch to this many cores (default: all)")
+
+
+def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      configs: Sequence[str]) -> None:
+    """Validate the common flags; sets ``args.config_names``."""
+    args.config_names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(args.config_names) - set(configs))
+    if unknown or not args.config_names:
+        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(configs)}")
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("--batch and --iters must be >= 1, --warmup >= 0")

@@ -174,22 +174,13 @@ def format_table(results: Sequence[Result]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="tiny,medium",
-                        help=f"comma-separated subset of {','.join(CONFIG_NAMES)}")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per call")
+    common.add_common_args(parser, CONFIG_NAMES, batch=4, iters=5, warmup=1)
     parser.add_argument("--src-len", type=int, default=32, help="source tokens per sequence")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="pin XLA and torch to this many cores (default: all)")
     args = parser.parse_args(argv)
-    args.config_names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(args.config_names) - set(CONFIG_NAMES))
-    if unknown or not args.config_names:
-        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIG_NAMES)}")
-    if min(args.batch, args.src_len, args.new_tokens, args.iters) < 1 or args.warmup < 0:
-        parser.error("--batch, --src-len, --new-tokens and --iters must be >= 1, --warmup >= 0")
+    common.check_common_args(parser, args, CONFIG_NAMES)
+    if min(args.src_len, args.new_tokens) < 1:
+        parser.error("--src-len and --new-tokens must be >= 1")
     return args
 
 

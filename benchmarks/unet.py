@@ -189,20 +189,9 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="tiny,medium",
-                        help=f"comma-separated subset of {','.join(CONFIG_NAMES)}")
-    parser.add_argument("--batch", type=int, default=2, help="batch size")
-    parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="pin XLA and torch to this many cores (default: all)")
+    common.add_common_args(parser, CONFIG_NAMES, batch=2, iters=10, warmup=2)
     args = parser.parse_args(argv)
-    args.config_names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = sorted(set(args.config_names) - set(CONFIG_NAMES))
-    if unknown or not args.config_names:
-        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIG_NAMES)}")
-    if args.batch < 1 or args.iters < 1 or args.warmup < 0:
-        parser.error("--batch and --iters must be >= 1, --warmup >= 0")
+    common.check_common_args(parser, args, CONFIG_NAMES)
     return args
 
 
