@@ -177,6 +177,7 @@ class _SafetensorsReader:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._where: dict[str, Path] = {}
         self._dtypes: dict[str, str] = {}
+        self._handles: dict[tuple[Path, str], Any] = {}
         for path in files:
             try:
                 with safe_open(path, framework="np") as f:
@@ -199,8 +200,11 @@ class _SafetensorsReader:
         # numpy has no bfloat16; the flax reader returns it through ml_dtypes.
         framework = "flax" if self._dtypes[key] == "BF16" else "np"
         try:
-            with safe_open(path, framework=framework) as f:
-                return np.asarray(f.get_tensor(key))
+            # One open handle per (file, framework): the header is parsed once, not per key.
+            handle = self._handles.get((path, framework))
+            if handle is None:
+                handle = self._handles[(path, framework)] = safe_open(path, framework=framework)
+            return np.asarray(handle.get_tensor(key))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {key}: {e}") from e
 
@@ -341,6 +345,34 @@ def _load_transformers(source: ModelSource, module: Any, ignore: Iterable[str],
                         key_fn=clip_tower_key_fn(tower) if tower else None)
 
 
+# Per tower: (bare model_type, the class whose folders carry a projection, our config class,
+# our module class, the other tower's keys to skip in a full CLIPModel folder).
+_CLIP_TOWERS = {
+    "text_model": ("clip_text_model", "CLIPTextModelWithProjection", CLIPTextConfig,
+                   CLIPTextModel, _VISION_TOWER),
+    "vision_model": ("clip_vision_model", "CLIPVisionModelWithProjection", CLIPVisionConfig,
+                     CLIPVisionModel, _TEXT_TOWER),
+}
+
+
+def _load_clip_tower(tower: str, path_or_id: str | os.PathLike, subfolder: str | None,
+                     dtype: Any, param_dtype: Any, revision: str | None) -> tuple[Any, dict]:
+    """One CLIP tower from its own folder or from a full ``CLIPModel`` folder."""
+    bare_type, projected_class, config_cls, module_cls, other_tower = _CLIP_TOWERS[tower]
+    source = ModelSource(path_or_id, subfolder, revision)
+    config, where = read_config(source)
+    if _clip_kind(config, where, ("clip", bare_type)) == "clip":
+        full = CLIPConfig.from_transformers(config, where)
+        tower_config = full.text if tower == "text_model" else full.vision
+        ignore = other_tower + (r"logit_scale",)
+    else:
+        dim = config.get("projection_dim", 512) if _has_projection(
+            config, projected_class) else None
+        tower_config, ignore = config_cls.from_transformers(config, where, dim), ()
+    module = module_cls(tower_config, dtype=dtype, param_dtype=param_dtype)
+    return module, _load_transformers(source, module, ignore, param_dtype, tower)
+
+
 def load_clip_text(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                    revision: str | None = None) -> tuple[CLIPTextModel, dict]:
@@ -350,17 +382,7 @@ def load_clip_text(path_or_id: str | os.PathLike, *, subfolder: str | None = Non
     folders (with ``text_projection``), and full ``CLIPModel`` folders, whose vision tower is
     skipped deliberately.
     """
-    source = ModelSource(path_or_id, subfolder, revision)
-    config, where = read_config(source)
-    if _clip_kind(config, where, ("clip", "clip_text_model")) == "clip":
-        text = CLIPConfig.from_transformers(config, where).text
-        ignore = _VISION_TOWER + (r"logit_scale",)
-    else:
-        dim = config.get("projection_dim", 512) if _has_projection(
-            config, "CLIPTextModelWithProjection") else None
-        text, ignore = CLIPTextConfig.from_transformers(config, where, dim), ()
-    module = CLIPTextModel(text, dtype=dtype, param_dtype=param_dtype)
-    return module, _load_transformers(source, module, ignore, param_dtype, "text_model")
+    return _load_clip_tower("text_model", path_or_id, subfolder, dtype, param_dtype, revision)
 
 
 def load_clip_vision(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
@@ -368,17 +390,7 @@ def load_clip_vision(path_or_id: str | os.PathLike, *, subfolder: str | None = N
                      revision: str | None = None) -> tuple[CLIPVisionModel, dict]:
     """A CLIP image encoder (``CLIPVisionModelWithProjection``, ``CLIPVisionModel`` or the vision
     tower of a full ``CLIPModel`` folder) -> ``(module, params)``."""
-    source = ModelSource(path_or_id, subfolder, revision)
-    config, where = read_config(source)
-    if _clip_kind(config, where, ("clip", "clip_vision_model")) == "clip":
-        vision = CLIPConfig.from_transformers(config, where).vision
-        ignore = _TEXT_TOWER + (r"logit_scale",)
-    else:
-        dim = config.get("projection_dim", 512) if _has_projection(
-            config, "CLIPVisionModelWithProjection") else None
-        vision, ignore = CLIPVisionConfig.from_transformers(config, where, dim), ()
-    module = CLIPVisionModel(vision, dtype=dtype, param_dtype=param_dtype)
-    return module, _load_transformers(source, module, ignore, param_dtype, "vision_model")
+    return _load_clip_tower("vision_model", path_or_id, subfolder, dtype, param_dtype, revision)
 
 
 def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
