@@ -42,7 +42,8 @@ def ddpo_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Arra
     ``clip_range``.
 
     Returns ``(loss, metrics)``; metrics (no gradient): ``approx_kl = mean(dlogp^2) / 2``,
-    ``clipfrac`` (share of ``|rho - 1| > eps``), ``ratio`` (mean rho).
+    ``clipfrac`` (share of ``|rho - 1| > eps``), ``ratio`` / ``ratio_min`` / ``ratio_max``
+    (mean, min and max rho).
     """
     old_log_prob = jax.lax.stop_gradient(old_log_prob)
     advantages = jax.lax.stop_gradient(advantages)
@@ -59,6 +60,8 @@ def ddpo_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Arra
         "approx_kl": 0.5 * jnp.mean(log_ratio**2),
         "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
         "ratio": jnp.mean(ratio),
+        "ratio_min": jnp.min(ratio),
+        "ratio_max": jnp.max(ratio),
     }
     return loss, metrics
 

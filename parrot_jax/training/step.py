@@ -1,0 +1,287 @@
+"""The jitted, sharded T2I update: DDPO's clipped importance-ratio objective over stored
+trajectories, gradients accumulated over the trained timesteps inside one ``lax.scan``, then one
+optax update (METHOD.md §4.3, §4.5, §8.3).
+
+Each sample trains on a random subset of its own timesteps (``timestep_fraction`` of S, permuted
+independently per sample as DDPO does). Every scan step re-scores one transition per sample under
+the same guidance rule, weights and DDIM step as sampling (``rl.rescore_log_prob``), so the ratio
+is exactly 1 before the first update. Only the trainable subset has gradients and optimizer
+state: cross-attention (``attn2``, the paper's choice), everything, or LoRA factors; the frozen
+rest is carried unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh
+
+from parrot_jax import parallel
+from parrot_jax.diffusion import DDIMSchedule, Guidance
+from parrot_jax.models.lora import LoRA, init_lora, merge
+from parrot_jax.rl.losses import ddpo_timestep_loss
+
+TRAINABLE = {  # preset name -> regex over '/'-joined parameter paths
+    "cross_attention": r"(^|/)attn2/",
+    "all": r".*",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T2IUpdateConfig:
+    """The T2I policy update (hashable: static under jit). Defaults follow DDPO's JAX config and
+    the paper (cross-attention only, lr 1e-5, ratio clip 1e-4)."""
+
+    trainable: str = "cross_attention"  # 'cross_attention' | 'all' | 'lora' | 'regex'
+    trainable_regex: str = ""  # trainable='regex': parameters whose path matches (re.search)
+    lora_targets: str = r"attn2/(query|key|value|proj_attn)/kernel"  # trainable='lora'
+    lora_rank: int = 4  # trainable='lora': rank of the factors
+    lora_alpha: float = 4.0  # trainable='lora': scale numerator (delta = alpha / rank * A @ B)
+    learning_rate: float = 1e-5  # AdamW step size
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay (DDPO 1e-4; Parrot supp. says 0.1)
+    max_grad_norm: float | None = 1.0  # global-norm clipping before AdamW (None: off)
+    clip_range: float = 1e-4  # PPO ratio clip epsilon
+    adv_clip: float | None = None  # advantages arrive clipped from rl.advantages; None: no re-clip
+    timestep_fraction: float = 1.0  # share of each sample's S timesteps trained per update
+    eta: float = 1.0  # DDIM eta, as sampled (must match the rollout)
+    remat_policy: str | None = "nothing_saveable"  # UNet per-block remat (jax.checkpoint_policies)
+
+    def train_timesteps(self, num_steps: int) -> int:
+        """How many of ``num_steps`` timesteps each sample trains on (at least 1)."""
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        return max(1, math.ceil(self.timestep_fraction * num_steps))
+
+
+@struct.dataclass
+class T2IBatch:
+    """One minibatch of sampled trajectories (B samples, S steps, per-device B divisible).
+
+    latents ``[B, S+1, h, w, c]`` (x_T first); log_probs ``[B, S]`` recorded at sampling;
+    timesteps int32 ``[S]``; contexts ``[B, G, L, D]`` in the guidance's branch order (e.g.
+    null, prompt); advantages ``[B]``; selected bool ``[B]`` (the non-dominated samples).
+    """
+
+    latents: jax.Array
+    log_probs: jax.Array
+    timesteps: jax.Array
+    contexts: jax.Array
+    advantages: jax.Array
+    selected: jax.Array
+
+
+@struct.dataclass
+class T2ITrainState:
+    """trainable: the optimised pytree (a flat ``{path: array}`` subset, or a ``LoRA``);
+    frozen: the rest of the parameters (all of them under LoRA); opt_state for ``trainable``."""
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+
+def trainable_regex(config: T2IUpdateConfig) -> str:
+    if config.trainable == "regex":
+        if not config.trainable_regex:
+            raise ValueError("T2IUpdateConfig.trainable='regex' needs trainable_regex")
+        return config.trainable_regex
+    if config.trainable not in TRAINABLE:
+        raise ValueError(f"T2IUpdateConfig.trainable = {config.trainable!r}; expected one of "
+                         f"{(*TRAINABLE, 'lora', 'regex')}")
+    return TRAINABLE[config.trainable]
+
+
+def split_params(params: Any, config: T2IUpdateConfig,
+                 key: jax.Array | None = None) -> tuple[Any, Any]:
+    """``(trainable, frozen)`` from a nested parameter tree.
+
+    Subset modes: two flat dicts keyed by ``/``-joined paths. LoRA: fresh factors (``key``
+    needed; B = 0 so nothing changes yet) and the whole tree frozen. Raises when nothing is
+    trainable.
+    """
+    if config.trainable == "lora":
+        if key is None:
+            raise ValueError("trainable='lora' needs a PRNG key for the LoRA factors")
+        return init_lora(key, params, rank=config.lora_rank, alpha=config.lora_alpha,
+                         targets=config.lora_targets), params
+    pattern = re.compile(trainable_regex(config))
+    flat = flatten_dict(params, sep="/")
+    trainable = {k: v for k, v in flat.items() if pattern.search(k)}
+    if not trainable:
+        raise ValueError(f"trainable regex {pattern.pattern!r} matches no parameter")
+    return trainable, {k: v for k, v in flat.items() if k not in trainable}
+
+
+def merged_params(trainable: Any, frozen: Any) -> Any:
+    """The full nested parameter tree for ``apply``."""
+    if isinstance(trainable, LoRA):
+        return merge(frozen, trainable)
+    return unflatten_dict({**frozen, **trainable}, sep="/")
+
+
+def make_optimizer(config: T2IUpdateConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW."""
+    adamw = optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay)
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+def state_shardings(state_shape: T2ITrainState, mesh: Mesh,
+                    rules: Sequence[tuple[str, str]] = parallel.REPLICATE_ALL) -> T2ITrainState:
+    """NamedShardings for a (possibly abstract) state: parameters and the optimizer moments by
+    ``rules`` over their paths (moments mirror their parameter's path), scalars replicated."""
+    return parallel.param_shardings(state_shape, _state_rules(rules), mesh)
+
+
+def _state_rules(rules: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    # Paths look like 'trainable/<param path>' or 'opt_state/1/0/mu/<param path>'; parameter
+    # rules apply to the parameter part (they use re.search, so they still match).
+    return [(r"^step$", "replicate"), (r"(^|/)count$", "replicate"), *rules]
+
+
+def init_train_state(params: Any, config: T2IUpdateConfig, *, key: jax.Array | None = None,
+                     mesh: Mesh | None = None,
+                     rules: Sequence[tuple[str, str]] = parallel.REPLICATE_ALL) -> T2ITrainState:
+    """Split ``params``, build the optimizer state, and (with a mesh) place everything by
+    ``rules`` with ``jit(out_shardings=...)`` from ``eval_shape``."""
+    trainable, frozen = split_params(params, config, key)
+    optimizer = make_optimizer(config)
+
+    def build(trainable, frozen):
+        return T2ITrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                             opt_state=optimizer.init(trainable))
+
+    if mesh is None:
+        return jax.jit(build)(trainable, frozen)
+    shardings = state_shardings(jax.eval_shape(build, trainable, frozen), mesh, rules)
+    return jax.jit(build, out_shardings=shardings)(trainable, frozen)
+
+
+def _denoiser_for_training(denoiser: Any, config: T2IUpdateConfig) -> Any:
+    """The UNet with per-block rematerialisation as configured (other denoisers unchanged)."""
+    if isinstance(denoiser, nn.Module) and hasattr(denoiser, "remat_policy"):
+        return denoiser.clone(remat_policy=config.remat_policy)
+    return denoiser
+
+
+def _timestep_slots(key: jax.Array, batch: int, steps: int, trained: int) -> jax.Array:
+    """int32 ``[trained, B]``: per-sample random permutations of the S steps, first ``trained``."""
+    perms = jax.vmap(lambda k: jax.random.permutation(k, steps))(jax.random.split(key, batch))
+    return perms[:, :trained].T.astype(jnp.int32)
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[b, idx[b]]`` for ``x [B, S, ...]``, ``idx [B]``."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(x, idx, axis=1)[:, 0]
+
+
+def accumulate_gradients(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
+                         config: T2IUpdateConfig, trainable: Any, frozen: Any, batch: T2IBatch,
+                         slots: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Sum over scan steps of the per-timestep loss gradients w.r.t. ``trainable``.
+
+    slots: int32 ``[n, B]``, the step index each sample trains at in scan step j (see
+    ``_timestep_slots``). Returns ``(gradient sum, metric sums and extremes)``.
+    """
+    denoiser = _denoiser_for_training(denoiser, config)
+
+    def loss_fn(trainable, x_t, t, x_prev, old_log_prob):
+        return ddpo_timestep_loss(denoiser, merged_params(trainable, frozen), schedule,
+                                  batch.contexts, guidance, x_t, t, x_prev, old_log_prob,
+                                  batch.advantages, eta=config.eta, clip_range=config.clip_range,
+                                  adv_clip=config.adv_clip)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(carry, idx):
+        grads, sums = carry
+        x_t, x_prev = _take(batch.latents, idx), _take(batch.latents, idx + 1)
+        (loss, m), g = grad_fn(trainable, x_t, batch.timesteps[idx], x_prev,
+                               _take(batch.log_probs, idx))
+        grads = jax.tree.map(jnp.add, grads, g)
+        sums = {"loss": sums["loss"] + loss, "approx_kl": sums["approx_kl"] + m["approx_kl"],
+                "clipfrac": sums["clipfrac"] + m["clipfrac"], "ratio": sums["ratio"] + m["ratio"],
+                "ratio_min": jnp.minimum(sums["ratio_min"], m["ratio_min"]),
+                "ratio_max": jnp.maximum(sums["ratio_max"], m["ratio_max"])}
+        return (grads, sums), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio": zero,
+            "ratio_min": jnp.array(jnp.inf), "ratio_max": jnp.array(-jnp.inf)}
+    grads = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, sums), _ = jax.lax.scan(body, (grads, sums), slots)
+    return grads, sums
+
+
+def train_step(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
+               config: T2IUpdateConfig, state: T2ITrainState, batch: T2IBatch,
+               key: jax.Array) -> tuple[T2ITrainState, dict[str, jax.Array]]:
+    """One optimizer update from one minibatch: scan-accumulated gradients averaged over the
+    trained timesteps, clipped, AdamW. Metrics: loss, approx_kl, clipfrac (means over the
+    trained timesteps), ratio (mean) / ratio_min / ratio_max, grad_norm (before clipping),
+    selected_fraction, and the number of trained timesteps per sample."""
+    b, s = batch.log_probs.shape
+    n = config.train_timesteps(s)
+    slots = _timestep_slots(key, b, s, n)
+    grads, sums = accumulate_gradients(denoiser, schedule, guidance, config, state.trainable,
+                                       state.frozen, batch, slots)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {k: v / n for k, v in sums.items() if k not in ("ratio_min", "ratio_max")}
+    metrics.update(ratio_min=sums["ratio_min"], ratio_max=sums["ratio_max"],
+                   grad_norm=optax.tree.norm(grads),
+                   selected_fraction=jnp.mean(batch.selected.astype(jnp.float32)),
+                   trained_timesteps=jnp.asarray(n, jnp.int32))
+    new_state = T2ITrainState(step=state.step + 1, trainable=trainable, frozen=state.frozen,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def batch_shardings(mesh: Mesh) -> T2IBatch:
+    """Batch axis over ``('data', 'fsdp')``; timesteps replicated."""
+    data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    return T2IBatch(latents=data, log_probs=data, timesteps=rep, contexts=data,
+                    advantages=data, selected=data)
+
+
+def put_t2i_batch(batch: T2IBatch, mesh: Mesh) -> T2IBatch:
+    """Host arrays of this process's samples -> a global ``T2IBatch`` on ``mesh``."""
+    return parallel.put_batch(batch, mesh, batch_shardings(mesh))
+
+
+def make_train_step(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
+                    config: T2IUpdateConfig, *, mesh: Mesh | None = None,
+                    state_sharding: T2ITrainState | None = None,
+                    ) -> Callable[[T2ITrainState, T2IBatch, jax.Array],
+                                  tuple[T2ITrainState, dict[str, jax.Array]]]:
+    """``train_step`` jitted with the state donated; with a mesh, in/out ``NamedSharding``s
+    (state by ``state_sharding``, e.g. ``state_shardings(...)`` of the initial state; batch
+    over the batch axes; key and metrics replicated)."""
+    fn = functools.partial(train_step, denoiser, schedule, guidance, config)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    if state_sharding is None:
+        raise ValueError("make_train_step with a mesh needs state_sharding")
+    rep = parallel.replicated(mesh)
+    return jax.jit(fn, donate_argnums=0,
+                   in_shardings=(state_sharding, batch_shardings(mesh), rep),
+                   out_shardings=(state_sharding, rep))
