@@ -1,0 +1,35 @@
+"""A T5-style tokenizer trained offline on a small corpus, for tiny random PENs.
+
+T5's conventions: pieces after a metaspace pre-tokenizer (``▁word``), ``<pad>`` = 0, ``</s>`` = 1
+appended to every text, ``<unk>`` = 2. The pieces are byte-pair merges rather than T5's unigram
+model: on a small repetitive corpus ``tokenizers``' unigram trainer keeps single characters only.
+Built with the ``tokenizers`` library (a transformers dependency), so nothing is downloaded;
+``save_pretrained`` writes it so that ``hub.load_tokenizer`` reads it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def train_t5_tokenizer(corpus: Iterable[str], vocab_size: int, *,
+                       model_max_length: int = 512) -> Any:
+    """A ``transformers.PreTrainedTokenizerFast`` trained on ``corpus`` (at most ``vocab_size``
+    pieces including the three special tokens)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = [t for t in corpus if t.strip()]
+    if not texts:
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, pad_token="<pad>",
+        eos_token="</s>", unk_token="<unk>")
