@@ -41,6 +41,7 @@ from common import (
     median_ms,
     pin_threads,
 )
+from sampler import SD15_SCHEDULER
 from unet import CONFIG_NAMES, make_case
 
 from parrot_jax import hub
@@ -53,9 +54,6 @@ from parrot_jax.training.step import (
     merged_params,
     train_step,
 )
-
-SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1}
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, float]:

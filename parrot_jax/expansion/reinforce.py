@@ -32,6 +32,7 @@ import optax
 from parrot_jax.expansion.scoring import token_log_probs
 from parrot_jax.models.lora import LoRA, init_lora, merge
 from parrot_jax.models.t5 import T5ForConditionalGeneration
+from parrot_jax.optim import clipped_adamw
 
 # T5 attention query / value projections in both stacks (encoder self-, decoder self- and
 # cross-attention): the usual LoRA targets; paths as in parrot_jax.models.t5.
@@ -91,11 +92,7 @@ def init_pen_lora(key: jax.Array, params: Any, config: PENRLConfig) -> LoRA:
 
 def pen_rl_optimizer(config: PENRLConfig) -> optax.GradientTransformation:
     """AdamW on the LoRA factors, after a global-norm clip when ``max_grad_norm`` is set."""
-    adamw = optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    return clipped_adamw(config)
 
 
 def pen_rl_loss(lora: LoRA, params: Any, module: T5ForConditionalGeneration,

@@ -22,27 +22,6 @@ def _check_text(name: str, text: str) -> None:
 
 
 @dataclasses.dataclass(eq=False, repr=False)
-class PickScore(Reward):
-    """Human preference: ``exp(logit_scale) * cos(image, text)`` on a PickScore ``CLIPModel``
-    (PickScore_v1's own scoring). Reads the image and, by default, the ORIGINAL prompt
-    (``text="condition"`` scores against the conditioning text instead)."""
-
-    backbone: ClipBackbone
-    name: str = "human_preference"
-    text: str = "prompt"
-    params: Any = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        _check_text(self.name, self.text)
-        self.reads = ("image", self.text)
-
-    def apply(self, params: Any, features: Features) -> jax.Array:
-        cos = jnp.sum(l2_normalise(features.image) * l2_normalise(getattr(features, self.text)),
-                      axis=-1)
-        return jnp.exp(features.logit_scale.astype(jnp.float32)) * cos
-
-
-@dataclasses.dataclass(eq=False, repr=False)
 class ClipScore(Reward):
     """Text-image alignment: ``cos(image, text)`` in [-1, 1] (raw cosine, no 100x or clipping).
     Reads the image and the ORIGINAL prompt by default: alignment is with what the user asked
@@ -60,6 +39,18 @@ class ClipScore(Reward):
     def apply(self, params: Any, features: Features) -> jax.Array:
         return jnp.sum(l2_normalise(features.image) * l2_normalise(getattr(features, self.text)),
                        axis=-1)
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class PickScore(ClipScore):
+    """Human preference: ``exp(logit_scale) * cos(image, text)`` on a PickScore ``CLIPModel``
+    (PickScore_v1's own scoring). Reads the image and, by default, the ORIGINAL prompt
+    (``text="condition"`` scores against the conditioning text instead)."""
+
+    name: str = "human_preference"
+
+    def apply(self, params: Any, features: Features) -> jax.Array:
+        return jnp.exp(features.logit_scale.astype(jnp.float32)) * super().apply(params, features)
 
 
 SENTIMENT_CLASSES = ("positive", "neutral", "negative")  # probe row order

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from parrot_jax import parallel
 from parrot_jax.diffusion import DDIMSchedule, Guidance
 from parrot_jax.models.lora import LoRA, init_lora, merge
+from parrot_jax.optim import clipped_adamw
 from parrot_jax.rl.losses import ddpo_timestep_loss
 
 TRAINABLE = {  # preset name -> regex over '/'-joined parameter paths
@@ -136,11 +137,7 @@ def merged_params(trainable: Any, frozen: Any) -> Any:
 
 def make_optimizer(config: T2IUpdateConfig) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW."""
-    adamw = optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    return clipped_adamw(config)
 
 
 def state_shardings(state_shape: T2ITrainState, mesh: Mesh,
