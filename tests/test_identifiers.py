@@ -4,18 +4,9 @@ without cutting the identifiers (a CLIP-style BPE tokenizer built offline)."""
 import jax
 import numpy as np
 import pytest
-from test_tokenizer import CORPUS, _save
-from tokenizers import (
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from test_tokenizer import CORPUS
 
-from parrot_jax import hub
+from parrot_jax.data.tokenizer import train_clip_tokenizer
 from parrot_jax.expansion.identifiers import (
     assign_identifiers,
     fit_to_context,
@@ -30,23 +21,10 @@ CONTEXT = 16
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer():
     """CLIP-like: lower-cased BPE words with '</w>', bos / eos, padded with eos, 16 tokens."""
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
     corpus = CORPUS + [f"<reward {k}>, " for k in range(1, 5)] * 10
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=150, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>"))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    folder = tmp_path_factory.mktemp("clip_tok")
-    _save(tok, folder, "CLIPTokenizer", bos_token="<|startoftext|>",
-          eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-    return hub.load_tokenizer(folder)
+    return train_clip_tokenizer(corpus, 150, model_max_length=CONTEXT)
 
 
 def test_text_formats():

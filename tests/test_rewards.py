@@ -19,18 +19,10 @@ import transformers as tf
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_rewards_pth import LaionMLP
-from tokenizers import (
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from parrot_jax.convert import CheckpointError
+from parrot_jax.data.tokenizer import train_clip_tokenizer
 from parrot_jax.rewards import (
     SENTIMENT_CLASSES,
     SENTIMENT_DESCRIPTIONS,
@@ -70,20 +62,8 @@ AESTHETIC_DIMS = (24, 32, 16, 8, 4, 1)
 
 def _write_tokenizer(folder):
     """A CLIP-style BPE tokenizer (bos 0, eos 1, eos-padded), as in test_tokenizer.py."""
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=TEXT["vocab_size"], special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>"))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    assert tok.get_vocab_size() <= TEXT["vocab_size"]
-    fast = tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=16, bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = train_clip_tokenizer(CORPUS, TEXT["vocab_size"], model_max_length=16)
+    assert len(fast) <= TEXT["vocab_size"]
     fast.save_pretrained(folder)
 
 

@@ -8,7 +8,6 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
-    normalizers,
     pre_tokenizers,
     processors,
     trainers,
@@ -16,6 +15,7 @@ from tokenizers import (
 
 from parrot_jax import hub
 from parrot_jax.convert import CheckpointError
+from parrot_jax.data.tokenizer import train_clip_tokenizer
 
 CORPUS = ["a photo of a red circle", "a blue square on a dark background",
           "vivid pastel shapes", "a small green triangle, soft focus",
@@ -27,6 +27,11 @@ def _save(tok: Tokenizer, folder, tokenizer_class: str, **special) -> None:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=16,
                                                 **special)
     fast.save_pretrained(folder)
+    _set_class(folder, tokenizer_class)
+
+
+def _set_class(folder, tokenizer_class: str) -> None:
+    """Name the tokenizer class in tokenizer_config.json, as hub repos do."""
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["tokenizer_class"] = tokenizer_class
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -35,20 +40,10 @@ def _save(tok: Tokenizer, folder, tokenizer_class: str, **special) -> None:
 @pytest.fixture(scope="module")
 def clip_bpe(tmp_path_factory):
     """A CLIP-style byte-pair tokenizer: lower-cased words with an end-of-word suffix."""
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=120, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>"))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
     folder = tmp_path_factory.mktemp("pipeline") / "tokenizer"
     folder.mkdir()
-    _save(tok, folder, "CLIPTokenizer", bos_token="<|startoftext|>",
-          eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    train_clip_tokenizer(CORPUS, 120, model_max_length=16).save_pretrained(folder)
+    _set_class(folder, "CLIPTokenizer")
     return folder
 
 

@@ -1,4 +1,5 @@
-"""A T5-style tokenizer trained offline on a small corpus, for tiny random PENs.
+"""Tokenizers trained offline on a small corpus, for tiny random models (a T5-style one for the
+PEN, a CLIP-style one for text encoders).
 
 T5's conventions: pieces after a metaspace pre-tokenizer (``▁word``), ``<pad>`` = 0, ``</s>`` = 1
 appended to every text, ``<unk>`` = 2. The pieces are byte-pair merges rather than T5's unigram
@@ -33,3 +34,37 @@ def train_t5_tokenizer(corpus: Iterable[str], vocab_size: int, *,
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=model_max_length, pad_token="<pad>",
         eos_token="</s>", unk_token="<unk>")
+
+
+def train_clip_tokenizer(corpus: Iterable[str], vocab_size: int, *,
+                         model_max_length: int = 77) -> Any:
+    """A CLIP-style ``transformers.PreTrainedTokenizerFast`` trained on ``corpus``: lower-cased
+    byte-pair words ending in ``</w>``, ``<|startoftext|>`` (id 0) first, ``<|endoftext|>``
+    (id 1) last and as padding and unknown; at most ``vocab_size`` entries."""
+    import transformers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    texts = [t for t in corpus if t.strip()]
+    if not texts:
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[bos, eos], end_of_word_suffix="</w>",
+        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, 0), (eos, 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, bos_token=bos, eos_token=eos,
+        pad_token=eos, unk_token=eos)

@@ -60,6 +60,11 @@ class T2IUpdateConfig:
     timestep_fraction: float = 1.0  # share of each sample's S timesteps trained per update
     eta: float = 1.0  # DDIM eta, as sampled (must match the rollout)
     remat_policy: str | None = "nothing_saveable"  # UNet per-block remat (jax.checkpoint_policies)
+    # Timesteps per iteration of the scan's loop (True: no loop). XLA:CPU runs the UNet's
+    # forward+backward about 2x slower inside a loop body than unrolled (benchmarks/
+    # train_step.py), so CPU runs unroll; on accelerators a rolled loop keeps compile time and
+    # program size independent of the number of trained timesteps.
+    scan_unroll: int | bool = 1
 
     def train_timesteps(self, num_steps: int) -> int:
         """How many of ``num_steps`` timesteps each sample trains on (at least 1)."""
@@ -224,7 +229,7 @@ def accumulate_gradients(denoiser: Any, schedule: DDIMSchedule, guidance: Guidan
     sums = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio": zero,
             "ratio_min": jnp.array(jnp.inf), "ratio_max": jnp.array(-jnp.inf)}
     grads = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, sums), _ = jax.lax.scan(body, (grads, sums), slots)
+    (grads, sums), _ = jax.lax.scan(body, (grads, sums), slots, unroll=config.scan_unroll)
     return grads, sums
 
 

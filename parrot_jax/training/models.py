@@ -1,0 +1,322 @@
+"""The models a Parrot run needs, loaded from folders / hub ids or built tiny and random.
+
+``load_models(config, workdir, mesh, prompts)`` returns a ``ParrotModels`` bundle: the T2I model
+(UNet, VAE, CLIP text encoder + tokenizer, DDIM schedule), the PEN (T5 + tokenizer) and the
+``RewardSet``. ``model.pretrained = 'tiny'`` builds random models of ``model.tiny``'s shapes from
+``config.seed``, a CLIP-style word-level tokenizer and a T5-style BPE tokenizer from the prompts;
+the tokenizers are saved under ``workdir/tokenizers`` once and read back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from parrot_jax import hub, parallel
+from parrot_jax.diffusion import DDIMSchedule
+from parrot_jax.expansion.identifiers import reward_identifier
+from parrot_jax.expansion.template import InstructionTemplate
+from parrot_jax.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+)
+from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
+from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
+from parrot_jax.models.vae import AutoencoderKL, VAEConfig
+from parrot_jax.rewards import (
+    Aesthetic,
+    ClipBackbone,
+    ClipScore,
+    ImageProcessorConfig,
+    ParrotRewardsConfig,
+    PickScore,
+    RewardSet,
+    Sentiment,
+    build_parrot_rewards,
+)
+
+TOKENIZER_DIR = "tokenizers"
+
+# The built-in RL prompts (data.prompts = 'builtin'): short user prompts of the kind the PEN
+# expands, varied enough that groups differ.
+BUILTIN_PROMPTS = (
+    "a red circle on a white background", "a blue square at night", "a small green triangle",
+    "a yellow star in the sky", "an orange cat sitting on a sofa", "a dog running on the beach",
+    "a castle on a hill", "a bowl of fruit on a table", "a portrait of an old man",
+    "a city street in the rain", "a forest in autumn", "a lighthouse by the sea",
+    "a cup of coffee", "a mountain lake at sunrise", "a red car on a bridge",
+    "a bird on a branch", "a vase of flowers", "a snowy village", "a robot reading a book",
+    "a sailing boat at sunset", "a field of sunflowers", "a teddy bear on a bed",
+    "a house with a garden", "a horse in a meadow", "a bicycle against a wall",
+    "an astronaut riding a horse", "a desert with cactus", "a waterfall in the jungle",
+    "a plate of pasta", "a train in the mountains", "a penguin on the ice", "a purple balloon",
+)
+# Words the random PEN may emit and the CLIP tokenizer should know (style modifiers).
+MODIFIERS = ("highly detailed", "digital art", "trending on artstation", "sharp focus",
+             "cinematic lighting", "vivid colors", "soft pastel", "4k", "oil painting",
+             "concept art", "bright background", "dark background", "outlined", "matte")
+
+
+@dataclasses.dataclass(eq=False)
+class ParrotModels:
+    """Everything the loop runs; modules are static (hashable), params are pytrees."""
+
+    unet: UNet2DConditionModel
+    unet_params: Any
+    vae: AutoencoderKL
+    vae_params: Any
+    text_encoder: CLIPTextModel
+    text_params: Any
+    clip_tokenizer: Any  # host tokenizer of the T2I text encoder (context = its max length)
+    schedule: DDIMSchedule
+    pen: T5ForConditionalGeneration
+    pen_params: Any
+    pen_tokenizer: Any
+    rewards: RewardSet
+    latent_shape: tuple[int, int, int]  # (h, w, c) of the UNet's input
+
+    @property
+    def context_length(self) -> int:
+        return self.text_encoder.config.max_position_embeddings
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def _dtype(name: str) -> Any:
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={name!r}; 'float32' or 'bfloat16'")
+    return jnp.dtype(name)
+
+
+def check_source(field: str, value: str) -> str:
+    """A model source named by ``config.<field>``: an existing folder or a hub id; a path that
+    does not exist is an error naming the field."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"config.{field} is empty: give a folder, a hub id or 'tiny'")
+    if Path(value).expanduser().exists():
+        return str(Path(value).expanduser())
+    if not hub._looks_like_repo_id(value):
+        raise FileNotFoundError(f"config.{field}={value!r}: no such folder (and not a hub id)")
+    return value
+
+
+def _loading(field: str, value: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; failures re-raised naming the config field and value."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        message = f"config.{field}={value!r}: {e}"
+        try:
+            named = type(e)(message)
+        except Exception:  # an exception type that takes other arguments
+            named = RuntimeError(message)
+        raise named from e
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+def _clip_corpus(prompts: Sequence[str], num_rewards: int) -> list[str]:
+    return (list(prompts) + list(MODIFIERS)
+            + [reward_identifier(k) + ", " for k in range(num_rewards)] * 10)
+
+
+def build_clip_tokenizer(corpus: Sequence[str], context: int) -> Any:
+    """CLIP's conventions on a word-level vocabulary: lower-cased words and punctuation runs of
+    ``corpus`` (sorted, so the same corpus always gives the same ids), ``<|startoftext|>``
+    (id 0) first, ``<|endoftext|>`` (id 1) last and as padding, ``<|unk|>`` (id 2) for unknown
+    words, ``context`` tokens. (``tokenizers``' BPE trainer breaks count ties differently from
+    one process to the next; a tiny run must rebuild the same vocabulary to resume exactly.)"""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for text in corpus
+                    for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))})
+    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    vocab = {t: i for i, t in enumerate(special + [w for w in words if w not in special])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=context, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>")
+
+
+def _saved_tokenizer(folder: Path, build) -> Any:
+    """The tokenizer saved in ``folder``, built (and saved by process 0) the first time."""
+    if not (folder / "tokenizer.json").is_file():
+        tokenizer = build()
+        if jax.process_index() == 0:
+            tokenizer.save_pretrained(folder)
+        else:
+            return tokenizer
+    return hub.load_tokenizer(folder)
+
+
+# --- tiny random models ----------------------------------------------------------------------
+
+def random_params(module: Any, seed: int) -> Any:
+    """Random parameters of ``module`` (its ``init_params`` shapes) drawn with numpy from
+    ``seed``: kernels ~ N(0, 1/fan_in), norm scales 1, biases 0, ``logit_scale`` log(1/0.07),
+    other tables ~ N(0, 0.02^2). Compiling ``init`` costs tens of seconds on a CPU even for tiny
+    models; this costs nothing and is as random."""
+    shapes = jax.eval_shape(lambda: module.init_params(jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1])) or 1
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        elif name in ("scale", "weight") and len(shape) == 1:
+            value = np.ones(shape)
+        elif name == "bias":
+            value = np.zeros(shape)
+        elif name == "logit_scale":
+            value = np.full(shape, np.log(1 / 0.07))
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        return np.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _aesthetic_layers(dims: tuple[int, ...], seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"kernel": np.asarray(rng.standard_normal((a, b)) / np.sqrt(a), np.float32),
+             "bias": np.zeros((b,), np.float32)} for a, b in zip(dims[:-1], dims[1:])]
+
+
+def _tiny_t2i(config: ml_collections.ConfigDict, tokenizer: Any, dtype: Any) -> dict[str, Any]:
+    t = config.model.tiny
+    text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=t.context_length,
+                              eos_token_id=tokenizer.eos_token_id, **t.text.to_dict())
+    text_encoder = CLIPTextModel(text_cfg, dtype=dtype)
+    unet_cfg = UNetConfig.from_diffusers(
+        {**t.unet.to_dict(), "in_channels": 4, "out_channels": 4,
+         "cross_attention_dim": text_cfg.hidden_size, "sample_size": t.latent_size},
+        "config.model.tiny.unet")
+    unet = UNet2DConditionModel(unet_cfg, dtype=dtype)
+    vae_cfg = VAEConfig.from_diffusers(t.vae.to_dict(), "config.model.tiny.vae")
+    vae = AutoencoderKL(vae_cfg, dtype=dtype)
+    if vae_cfg.latent_channels != unet_cfg.in_channels:
+        raise ValueError(f"config.model.tiny.vae.latent_channels={vae_cfg.latent_channels} must "
+                         f"be the UNet's {unet_cfg.in_channels} input channels")
+    schedule = DDIMSchedule.from_config(config.sample.scheduler.to_dict(),
+                                        config.sample.num_steps, "config.sample.scheduler")
+    return dict(
+        unet=unet, unet_params=random_params(unet, config.seed + 1),
+        vae=vae, vae_params=random_params(vae, config.seed + 2),
+        text_encoder=text_encoder, text_params=random_params(text_encoder, config.seed + 3),
+        schedule=schedule, latent_shape=(t.latent_size, t.latent_size, unet_cfg.in_channels))
+
+
+def _tiny_rewards(config: ml_collections.ConfigDict, tokenizer: Any, image_size: int,
+                  sharding: Any) -> RewardSet:
+    """A random CLIP dual encoder and the paper's four heads on it (aesthetic MLP random)."""
+    t = config.model.tiny
+    dim = t.projection_dim
+    clip = CLIPModel(CLIPConfig(
+        text=CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=t.context_length,
+                            eos_token_id=tokenizer.eos_token_id, projection_dim=dim,
+                            **t.text.to_dict()),
+        vision=CLIPVisionConfig(image_size=image_size, projection_dim=dim, **t.vision.to_dict()),
+        projection_dim=dim), dtype=_dtype(config.model.dtype))
+    backbone = ClipBackbone("tiny_clip", clip, random_params(clip, config.seed + 4),
+                            ImageProcessorConfig.square(image_size), tokenizer)
+    heads = [Aesthetic(backbone, _aesthetic_layers((dim, 32, 16, 1), config.seed + 5)),
+             PickScore(backbone),
+             ClipScore(backbone), Sentiment.zero_shot(backbone)]
+    return RewardSet(heads, sharding=sharding)
+
+
+def _tiny_pen(config: ml_collections.ConfigDict, tokenizer: Any, dtype: Any) -> tuple[Any, Any]:
+    fields = config.model.tiny.t5.to_dict()
+    t5 = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id,
+                  decoder_start_token_id=tokenizer.pad_token_id, **fields)
+    module = T5ForConditionalGeneration(t5, dtype=dtype)
+    return module, random_params(module, config.seed + 6)
+
+
+# --- the bundle ------------------------------------------------------------------------------
+
+def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh: Mesh,
+                prompts: Sequence[str], template: InstructionTemplate) -> ParrotModels:
+    """Load or build every model ``config.model`` names (see the module docstring)."""
+    from parrot_jax.data.tokenizer import train_t5_tokenizer
+
+    m = config.model
+    dtype = _dtype(m.dtype)
+    tokenizers = Path(workdir) / TOKENIZER_DIR
+    sharding = parallel.batch_sharding(mesh)
+    num_rewards = 4
+    clip_tokenizer = None
+
+    if m.pretrained == "tiny":
+        clip_tokenizer = _saved_tokenizer(tokenizers / "clip", lambda: build_clip_tokenizer(
+            _clip_corpus(prompts, num_rewards), m.tiny.context_length))
+        t2i = _tiny_t2i(config, clip_tokenizer, dtype)
+    else:
+        root = check_source("model.pretrained", m.pretrained)
+        field = "model.pretrained"
+        unet, unet_params = _loading(field, root, hub.load_unet, root, subfolder="unet",
+                                     dtype=dtype)
+        vae, vae_params = _loading(field, root, hub.load_vae, root, subfolder="vae", dtype=dtype)
+        text_encoder, text_params = _loading(field, root, hub.load_clip_text, root,
+                                             subfolder="text_encoder", dtype=dtype)
+        clip_tokenizer = _loading(field, root, hub.load_tokenizer, root, subfolder="tokenizer")
+        schedule = _loading(field, root, DDIMSchedule.from_pretrained, root,
+                            config.sample.num_steps)
+        side = unet.config.sample_size
+        if not isinstance(side, int):
+            raise ValueError(f"config.model.pretrained={root!r}: unet sample_size {side!r} is "
+                             "not one int (the latent side)")
+        t2i = dict(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+                   text_encoder=text_encoder, text_params=text_params, schedule=schedule,
+                   latent_shape=(side, side, unet.config.in_channels))
+
+    if m.pen == "tiny":
+        template_corpus = [template.format(p) for p in prompts] + list(prompts) + list(MODIFIERS)
+        pen_tokenizer = _saved_tokenizer(tokenizers / "pen", lambda: train_t5_tokenizer(
+            template_corpus, m.tiny.t5_vocab_size))
+        pen, pen_params = _tiny_pen(config, pen_tokenizer, dtype)
+    else:
+        source = check_source("model.pen", m.pen)
+        pen, pen_params = _loading("model.pen", source, hub.load_t5, source, dtype=dtype)
+        tok_source = check_source("model.pen_tokenizer", m.pen_tokenizer or source)
+        pen_tokenizer = _loading("model.pen_tokenizer", tok_source, hub.load_tokenizer,
+                                 tok_source)
+
+    vae_factor = 2 ** (len(t2i["vae"].config.block_out_channels) - 1)
+    if m.rewards == "tiny":
+        if clip_tokenizer is None or m.pretrained != "tiny":
+            raise ValueError("config.model.rewards='tiny' needs config.model.pretrained='tiny' "
+                             "(its tokenizer); use 'parrot' with real models")
+        rewards = _tiny_rewards(config, clip_tokenizer, t2i["latent_shape"][0] * vae_factor,
+                                sharding)
+    elif m.rewards == "parrot":
+        rewards = build_parrot_rewards(ParrotRewardsConfig(dtype=m.dtype), sharding=sharding)
+    else:
+        raise ValueError(f"config.model.rewards={m.rewards!r}; 'tiny' or 'parrot'")
+    return ParrotModels(clip_tokenizer=clip_tokenizer, pen=pen, pen_params=pen_params,
+                        pen_tokenizer=pen_tokenizer, rewards=rewards, **t2i)

@@ -1,0 +1,203 @@
+"""The Parrot loop end to end on tiny random models and 8 simulated devices: a smoke run writes
+metrics (ratio 1 before the first update) and a checkpoint; 2 iterations + resume + 2 equal 4
+uninterrupted; SIGTERM saves and exits cleanly; bad configs and workdirs fail clearly."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parrot_jax.data.promptist import DatasetError
+from parrot_jax.training import train_and_evaluate
+from parrot_jax.training.checkpoint import IncompatibleWorkdirError
+from parrot_jax.training.loop import advantage_config, check_fields, derived_sizes
+from parrot_jax.training.metrics import MetricsWriter, front_hypervolume, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("step", "reward/aesthetics/mean", "reward/aesthetics/std",
+            "reward/human_preference/mean", "reward/alignment/mean", "reward/sentiment/std",
+            "pareto/selected_fraction", "pareto/hypervolume", "t2i/loss", "t2i/approx_kl",
+            "t2i/clipfrac", "t2i/ratio_first", "t2i/grad_norm", "pen/loss", "reward/nan_count")
+
+
+def tiny_config(arg: str = "smoke"):
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _no_timings(records):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = train_and_evaluate(tiny_config("smoke"), workdir)
+    return workdir, result
+
+
+def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
+    workdir, result = smoke
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        # Before the first update of an iteration the policy is the one that sampled.
+        assert abs(r["t2i/ratio_first"] - 1.0) <= 1e-5
+        assert 0 < r["pareto/selected_fraction"] <= 1
+        assert r["reward/nan_count"] == 0
+        assert r["pareto/hypervolume"] >= 0
+    assert "perf/samples_per_sec" in records[-1] and "perf/iteration_seconds" in records[-1]
+    assert result["step"] == 2 and not result["preempted"]
+    assert (workdir / "checkpoints" / "2").is_dir()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["num_iterations"] == 2 and saved["advantage"]["mode"] == "paper"
+
+
+def test_resume_is_exact(smoke, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(smoke[0], resumed)
+    config = tiny_config("smoke")
+    config.num_iterations = 4
+    train_and_evaluate(config, resumed)
+    straight = tmp_path / "straight"
+    train_and_evaluate(config, straight)
+    a, b = read_metrics(resumed), read_metrics(straight)
+    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert _no_timings(a) == _no_timings(b)
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2", "4"]
+
+
+def test_incompatible_workdir_is_refused_and_untouched(smoke, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(smoke[0], workdir)
+    before = {p: (workdir / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
+    config = tiny_config("smoke")
+    config.sample.num_steps = 5
+    config.advantage.mode = "normalized"
+    with pytest.raises(IncompatibleWorkdirError, match=r"sample\.num_steps: saved 3, now 5"):
+        train_and_evaluate(config, workdir)
+    assert {p: (workdir / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_clear_errors(tmp_path):
+    config = tiny_config("smoke")
+    config.model.pretrained = str(tmp_path / "no_such_pipeline")
+    with pytest.raises(FileNotFoundError, match=r"config\.model\.pretrained=.*no_such_pipeline"):
+        train_and_evaluate(config, tmp_path / "a")
+    assert not (tmp_path / "a" / "config.json").exists()  # a corrected rerun is not blocked
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("")
+    config = tiny_config("smoke")
+    config.data.prompts = str(empty)
+    with pytest.raises(DatasetError, match="prompts.txt"):
+        train_and_evaluate(config, tmp_path / "b")
+
+    config = tiny_config("smoke")
+    config.num_minibatches = 4  # 16 images / 4 = 4 per step, fewer than the 8 devices
+    with pytest.raises(ValueError, match="change images_per_group or num_minibatches"):
+        train_and_evaluate(config, tmp_path / "c")
+
+    config = tiny_config("smoke")
+    config.advantage.modes = "paper"  # a typo in a config file
+    with pytest.raises(ValueError, match=r"advantage\.modes"):
+        train_and_evaluate(config, tmp_path / "d")
+
+
+def _train_py(workdir, *overrides):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT}/configs/tiny.py:smoke",
+         "--workdir", str(workdir), *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+    proc = _train_py(tmp_path / "w", "--config.no_such_field=1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "no_such_field" in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "w"
+    proc = _train_py(workdir, "--config.num_iterations=200", "--config.checkpoint_every=100")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no metrics after 400 s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption signal" in out
+    step = read_metrics(workdir)[-1]["step"]
+    saved = sorted(int(p) for p in os.listdir(workdir / "checkpoints"))
+    assert saved == [step] and 1 <= step < 200
+
+
+@pytest.mark.parametrize("preset", ["no_pareto", "t2i_only", "pen_only"])
+def test_presets_change_what_trains(preset, tmp_path):
+    config = tiny_config(f"smoke,{preset}")
+    config.num_iterations = 1
+    train_and_evaluate(config, tmp_path)
+    (record,) = read_metrics(tmp_path)
+    assert ("pen/loss" in record) == (preset != "t2i_only")
+    assert ("t2i/loss" in record) == (preset != "pen_only")
+    if preset == "no_pareto":  # no Pareto filter: every (valid) sample drives the update
+        assert record["pareto/selected_fraction"] == 1.0
+
+
+def test_scalarised_presets_drop_the_pareto_filter():
+    for preset, mode in (("weighted_sum", "weighted_sum"), ("single", "single"), ("", "paper")):
+        adv = advantage_config(tiny_config(f"smoke,{preset}"))
+        assert adv.mode == mode and adv.uses_pareto == (mode == "paper")
+    with pytest.raises(ValueError, match="unknown configs/tiny.py variant"):
+        tiny_config("smoke,nonsense")
+
+
+def test_nan_loss_stops_naming_iteration_and_metric(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.add(7, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(1.0)})
+    writer.add(8, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(np.nan)})
+    with pytest.raises(FloatingPointError, match="iteration 8: pen/loss is nan"):
+        writer.flush()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_front_hypervolume():
+    # Front {(1, 2), (2, 1)} from the batch minimum (0.5, 0.5): two 0.5 x 1.5 boxes overlapping
+    # in a 0.5 x 0.5 square; the dominated (0.8, 0.8) and the NaN row add nothing.
+    rewards = np.array([[1, 2], [2, 1], [0.5, 0.5], [0.8, 0.8], [np.nan, 9]])
+    assert front_hypervolume(rewards, None) == pytest.approx(1.25)
+    assert front_hypervolume(rewards, np.array([0.0, 0.0])) == pytest.approx(3.0)
+
+
+def test_sd15_config_builds_and_checks(tmp_path):
+    spec = importlib.util.spec_from_file_location("sd15_config", ROOT / "configs" / "sd15.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("no_pareto")
+    check_fields(config)
+    sizes = derived_sizes(config, 8)
+    assert (sizes.batch, sizes.minibatch) == (256, 64) and not config.advantage.pareto
+    assert config.sample.num_steps == 50 and config.t2i.clip_range == 1e-4
+    # Offline, the hub ids cannot be fetched: the error names the field.
+    with pytest.raises(Exception, match=r"config\.model\.pretrained='stable-diffusion-v1-5/"):
+        train_and_evaluate(config, tmp_path)

@@ -1,0 +1,56 @@
+"""Parrot training: ``python train.py [--config configs/X.py[:arg]] [--workdir DIR]``.
+
+Until the toy world exists (issue 9) the default config is ``configs/tiny.py``: tiny random
+models, nothing downloaded, a few minutes on a CPU. ``--config.a.b=value`` overrides a field.
+Resuming is automatic: rerun with the same ``--workdir``. Multi-host (every worker of a TPU pod
+slice): set ``--config.distributed=True``.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ROOT = Path(__file__).resolve().parent
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(ROOT / "configs" / "tiny.py"),
+    "ml_collections config file with get_config(arg), as path[:arg]. Default: configs/tiny.py "
+    "(tiny random models; the toy world of issue 9 will replace it).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "where config.json, metrics.jsonl and checkpoints go; reusing one resumes "
+    "it. Default: a fresh folder runs/<date-time>.")
+
+
+def _quiet_orbax(record) -> bool:
+    """Keep orbax's warnings and errors but not its per-save INFO chatter, which would bury the
+    progress lines."""
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    config = _CONFIG.value
+    from parrot_jax import parallel
+
+    parallel.initialize_distributed(config.distributed)  # before anything touches the devices
+    import jax
+
+    from parrot_jax.training import train_and_evaluate
+
+    workdir = _WORKDIR.value or str(ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    logging.info("JAX process %d of %d, %d local devices; workdir %s", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), workdir)
+    result = train_and_evaluate(config, workdir)
+    logging.info("finished at iteration %d%s", result["step"],
+                 " (preempted: resume with the same --workdir)" if result["preempted"] else "")
+
+
+if __name__ == "__main__":
+    app.run(main)
