@@ -198,3 +198,19 @@ def test_updates_raise_log_prob_of_positive_advantages(setup, mesh_step, per_tim
     adv = np.asarray(batch.advantages)
     assert np.all(delta[adv > 0] > 0) and np.all(delta[adv < 0] < 0), (delta, adv)
 
+
+
+def test_lora_update_trains_only_the_factors(setup):
+    module, params, schedule, batch = setup
+    config = dataclasses.replace(CONFIG, trainable="lora", remat_policy=None)
+    state = init_train_state(params, config, key=jax.random.key(4))
+    assert isinstance(state.trainable, LoRA)
+    step = make_train_step(module, schedule, GUIDANCE, config)
+    new, metrics = step(state, batch, jax.random.key(5))
+    assert abs(float(metrics["ratio"]) - 1.0) <= 1e-5  # B = 0: the LoRA starts as a no-op
+    for a, b in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    factors = jax.tree_util.tree_leaves_with_path(new.trainable.factors)
+    assert all("attn2" in jax.tree_util.keystr(p) for p, _ in factors)
+    assert any(jax.tree_util.keystr(p).endswith("['b']") and float(jnp.abs(x).max()) > 0
+               for p, x in factors)  # the zero-initialised B moved
