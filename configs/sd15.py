@@ -68,4 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 1  # iterations between metrics.jsonl records
     c.checkpoint_every = 50  # iterations between checkpoints (and on SIGTERM)
     c.max_to_keep = 3  # checkpoints kept
+    c.eval_every = 50  # iterations between workdir/eval PNGs (image grid, reward scatter)
+    c.eval_prompts = ("a cat", "a lighthouse by the sea", "a portrait of an old man",
+                      "a bowl of fruit on a table")  # the grid's rows (at most num_groups)
     return c

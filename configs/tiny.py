@@ -131,6 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 1  # iterations between metrics.jsonl records (metrics stay on device between)
     c.checkpoint_every = 5  # iterations between orbax checkpoints (also at the end / SIGTERM)
     c.max_to_keep = 2  # checkpoints kept
+    c.eval_every = 5  # iterations between workdir/eval PNGs (image grid, reward scatter)
+    c.eval_prompts = ("a castle on a hill", "a bowl of fruit on a table")  # grid rows (<= G)
 
     if "smoke" in parts:  # one resolution level: compiles in half the time
         c.model.tiny.unet.block_out_channels = (32,)
@@ -145,6 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.num_iterations = 2
         c.sample.num_steps = 3
         c.checkpoint_every = 2
+        c.eval_every = 2
     if "weighted_sum" in parts:
         c.advantage.mode = "weighted_sum"
     if "single" in parts:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from parrot_jax.data.promptist import DatasetError
 from parrot_jax.training import train_and_evaluate
@@ -63,6 +65,16 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
     assert (workdir / "checkpoints" / "2").is_dir()
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["num_iterations"] == 2 and saved["advantage"]["mode"] == "paper"
+    # eval_every=2: the pictures of iteration 2, as PNG files and TensorBoard images.
+    grid = Image.open(workdir / "eval" / "grid_000002.png")
+    assert grid.size == (8 * 64 + 7 * 2, 2 * 64 + 2)  # G=2 rows of N=8 8x8 images shown at 64
+    assert Image.open(workdir / "eval" / "pareto_000002.png").size[0] > 0
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("t2i/loss")] == [
+        (r["step"], pytest.approx(r["t2i/loss"])) for r in records]
+    assert [e.step for e in events.Images("eval/grid")] == [2]
+    assert [e.step for e in events.Images("pareto/scatter")] == [2]
 
 
 def test_resume_is_exact(smoke, tmp_path):

@@ -20,10 +20,14 @@ One iteration over G groups x N images (``parrot_iteration``):
    do not dominate.
 
 Everything after the prompts' text handling runs on device, with the batch sharded over
-``('data', 'fsdp')``; metrics are fetched only at log steps. On several hosts every process
-draws the same G prompts and runs the (small, replicated) PEN and tokenisation identically; the
-image batch is what is split across hosts. The whole state (T2I trainable
-parameters and optimiser, PEN LoRA and optimiser, step, PRNG key, advantage tracker, data
+``('data', 'fsdp')``; metrics are fetched only at log steps (``metrics.jsonl``, and TensorBoard
+scalars in ``workdir/tensorboard`` from process 0). Every ``eval_every`` iterations
+``write_pictures`` saves ``workdir/eval/grid_<step>.png`` (the current policy's images for the
+fixed ``eval_prompts``, from a fixed key outside the training stream) and ``pareto_<step>.png``
+(the batch's rewards, selected samples highlighted), also as TensorBoard images. On several
+hosts every process draws the same G prompts and runs the (small, replicated) PEN and
+tokenisation identically; the image batch is what is split across hosts. The whole state (T2I
+trainable parameters and optimiser, PEN LoRA and optimiser, step, PRNG key, advantage tracker, data
 position) is checkpointed with orbax; SIGTERM saves and returns.
 """
 
@@ -80,6 +84,8 @@ from parrot_jax.training.step import (
     merged_params,
     state_shardings,
 )
+from parrot_jax.training.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
+from parrot_jax.training.visualize import image_grid, pareto_scatter, png_bytes
 
 # Every config field the loop reads; anything else in a config is a mistake (a typo, a field of
 # another trainer) and is refused. Entries ending in '.' admit any field below them.
@@ -96,7 +102,7 @@ KNOWN_FIELDS = (
     "t2i.train", "t2i.trainable", "t2i.learning_rate", "t2i.weight_decay",
     "t2i.max_grad_norm", "t2i.clip_range", "t2i.timestep_fraction", "t2i.scan_unroll",
     "hypervolume_reference",
-    "log_every", "checkpoint_every", "max_to_keep",
+    "log_every", "checkpoint_every", "max_to_keep", "eval_every", "eval_prompts",
 )
 PARAM_RULES = {"replicate": parallel.REPLICATE_ALL, "fsdp": parallel.FSDP_ALL}
 
@@ -134,7 +140,7 @@ def derived_sizes(config: ml_collections.ConfigDict, devices: int) -> Sizes:
     """Check the batch arithmetic; errors say which field to change."""
     g, n, m = config.num_groups, config.images_per_group, config.num_minibatches
     for name in ("num_groups", "images_per_group", "num_minibatches", "num_iterations",
-                 "log_every", "checkpoint_every", "max_to_keep"):
+                 "log_every", "checkpoint_every", "max_to_keep", "eval_every"):
         if not isinstance(config[name], int) or config[name] <= 0:
             raise ValueError(f"config.{name}={config[name]!r} must be a positive int")
     b = g * n
@@ -324,8 +330,10 @@ class Run:
 
 # --- one iteration ---------------------------------------------------------------------------
 
-def parrot_iteration(run: Run, state: dict) -> tuple[dict, dict[str, jax.Array], jax.Array]:
-    """One Parrot iteration (module docstring) -> (new state, device metrics, rewards [B, K])."""
+def parrot_iteration(run: Run, state: dict
+                     ) -> tuple[dict, dict[str, jax.Array], jax.Array, jax.Array]:
+    """One Parrot iteration (module docstring) -> (new state, device metrics, rewards
+    ``[B, K]``, selection mask ``[B]``: the samples the T2I update used)."""
     c, m, sizes = run.config, run.models, run.sizes
     key, k_pen, k_id, k_roll, k_train, k_perm = jax.random.split(
         jax.random.wrap_key_data(state["key"]), 6)
@@ -392,7 +400,88 @@ def parrot_iteration(run: Run, state: dict) -> tuple[dict, dict[str, jax.Array],
         new["pen"] = {"lora": lora, "opt_state": opt_state}
         for name in ("loss", "log_prob", "grad_norm", "advantage"):
             metrics[f"pen/{name}"] = out[name]
-    return new, metrics, rewards
+    return new, metrics, rewards, adv.selected
+
+
+# --- evaluation pictures ---------------------------------------------------------------------
+
+EVAL_COLUMNS = 8  # images per evaluation prompt shown in the grid (of the N rolled out)
+EVAL_KEY = 13  # fold_in index of the evaluation key (10-12: initial_state's)
+
+
+def check_eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
+    """``config.eval_prompts``: 1 to ``num_groups`` non-empty strings (each fills one group's
+    row of the evaluation batch, so evaluation reuses the training rollout's compilation)."""
+    prompts = config.eval_prompts
+    if (isinstance(prompts, str) or not isinstance(prompts, Sequence)
+            or not 0 < len(prompts) <= config.num_groups
+            or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"config.eval_prompts={prompts!r}: 1 to num_groups="
+                         f"{config.num_groups} non-empty prompts")
+    return list(prompts)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array on every host."""
+    return np.asarray(x if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True))
+
+
+def eval_images(run: Run, state: dict) -> tuple[np.ndarray, list[str]]:
+    """Images ``[G, N, H, W, 3]`` in [0, 1] of the current policy (PEN LoRA and T2I model of
+    ``state``) for ``config.eval_prompts``, cycled over the G groups, and the G conditioning
+    texts. Row g is conditioned as training conditions a group, on one identifier, k = g mod K
+    (the paper's all-identifier inference text does not fit small CLIP contexts, e.g. the tiny
+    models' 16 tokens). The PEN and
+    the noise use a fixed key apart from the training stream, so successive grids differ only
+    by the policy and a resumed run draws what an uninterrupted one does."""
+    c, m, sizes = run.config, run.models, run.sizes
+    # Placed as the training keys are, so the training compilations are reused.
+    k_pen, k_roll = jax.device_put(
+        jax.random.split(jax.random.fold_in(jax.random.key(c.seed), EVAL_KEY)),
+        parallel.replicated(run.mesh))
+    prompts = check_eval_prompts(c)
+    prompts = [prompts[g % len(prompts)] for g in range(sizes.groups)]
+    ids, mask = tokenize_prompts(m.pen_tokenizer, prompts, c.data.max_prompt_length,
+                                 run.template)
+    expansion = _expand(m.pen, run.sampling, m.pen_params, state["pen"]["lora"], ids, mask,
+                        k_pen)
+    expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
+    prefixes = [identifier_prefix([g % len(m.rewards.names)]) for g in range(sizes.groups)]
+    cond = tokenize_conditioning(m.clip_tokenizer, prefixes, expanded, m.context_length)
+    t2i_params = merged_params(state["t2i"]["trainable"], run.frozen)
+    images, _, _ = _rollout_and_decode(
+        m.unet, m.text_encoder, m.vae, sizes.group_size, m.latent_shape, c.sample.eta,
+        m.scaling_factor, parallel.batch_sharding(run.mesh), t2i_params, m.text_params,
+        m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond["input_ids"],
+        run.null_ids, k_roll)
+    images = _host(images)
+    return images.reshape(sizes.groups, sizes.group_size, *images.shape[1:]), cond["texts"]
+
+
+def write_pictures(run: Run, state: dict, step: int, rewards: jax.Array, selected: jax.Array,
+                   workdir: Path, tensorboard: TensorBoardWriter | None) -> None:
+    """``workdir/eval/grid_<step>.png`` (``eval_images``, up to ``EVAL_COLUMNS`` per prompt)
+    and ``pareto_<step>.png`` (the batch's rewards and selection), also as TensorBoard images.
+    Every process takes part in the rollout; process 0 writes."""
+    images, texts = eval_images(run, state)
+    host_rewards, host_selected = _host(rewards), _host(selected)
+    if jax.process_index() != 0:
+        return
+    side = max(images.shape[2:4])
+    grid = image_grid(images[:, :EVAL_COLUMNS].reshape(-1, *images.shape[2:]),
+                      min(EVAL_COLUMNS, images.shape[1]), cell=64 if side < 64 else min(side, 256))
+    scatter = pareto_scatter(host_rewards, host_selected, run.models.rewards.names,
+                             title=f"iteration {step}")
+    out = workdir / "eval"
+    out.mkdir(exist_ok=True)
+    (out / f"grid_{step:06d}.png").write_bytes(png_bytes(grid))
+    (out / f"pareto_{step:06d}.png").write_bytes(png_bytes(scatter))
+    logging.info("iteration %d: evaluation grid rows %s", step, texts)
+    if tensorboard is not None:
+        tensorboard.image(step, "eval/grid", grid)
+        tensorboard.image(step, "pareto/scatter", scatter)
+        tensorboard.flush()
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -446,6 +535,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
         raise ValueError(f"config.advantage.weights has {len(advantage.weights)} entries for "
                          f"the rewards {models.rewards.names}")
     parse_reference(config.hypervolume_reference, len(models.rewards.names))
+    check_eval_prompts(config)
     rep = parallel.replicated(mesh)
     models.text_params = jax.device_put(models.text_params, rep)
     models.vae_params = jax.device_put(models.vae_params, rep)
@@ -480,53 +570,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if restored is not None:
         logging.info("Resuming from the checkpoint at iteration %d", restored)
     step = int(state["step"])
-    writer = MetricsWriter(workdir)
+    tensorboard = (TensorBoardWriter(workdir / TENSORBOARD_DIR) if jax.process_index() == 0
+                   else None)
+    writer = MetricsWriter(workdir, tensorboard)
     result: dict[str, Any] = {"step": step, "preempted": False}
     logging.info("Compiling and training: iterations %d to %d", step, config.num_iterations)
     timer = None  # (start time, iterations) after the first (compiling) iteration
-    with _Preemption() as preemption:
-        while step < config.num_iterations:
-            started = time.perf_counter()
-            state, metrics, rewards = parrot_iteration(run, state)
-            step += 1
-            writer.add(step, metrics)
-            if timer is None:
-                jax.block_until_ready(state["step"])
-                timer = (time.perf_counter(), 0)
-                logging.info("iteration %d (with compilation): %.1f s", step,
-                             time.perf_counter() - started)
-            else:
-                timer = (timer[0], timer[1] + 1)
-            if step % config.log_every == 0 or step == config.num_iterations:
-                host_rewards = np.asarray(
-                    rewards if rewards.is_fully_addressable
-                    else multihost_utils.process_allgather(rewards, tiled=True))
-                now = time.perf_counter()
-                extra = {"pareto/hypervolume": front_hypervolume(host_rewards, reference)}
-                if timer[1]:
-                    extra["perf/samples_per_sec"] = (timer[1] * run.sizes.batch
-                                                     / (now - timer[0]))
-                    extra["perf/iteration_seconds"] = (now - timer[0]) / timer[1]
-                record = writer.flush(extra)
-                result.update(record)
-                eta = ((config.num_iterations - step) * extra["perf/iteration_seconds"]
-                       if timer[1] else math.nan)
-                logging.info("iteration %d/%d: %s; ETA %.0f s", step, config.num_iterations,
-                             ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                       if k.startswith(("reward/", "t2i/loss", "pen/loss",
-                                                        "perf/samples"))), eta)
-            stop = preemption.requested or manager.reached_preemption(step)
-            if (step % config.checkpoint_every == 0 or step == config.num_iterations
-                    or stop):
-                checkpoint.save(manager, step, state)
-            if stop:
-                result["preempted"] = True
-                logging.warning("stopped at iteration %d after a preemption signal; the "
-                                "checkpoint is saved", step)
-                break
-    manager.wait_until_finished()
-    manager.close()
-    run.models.rewards.close()
+    try:
+        with _Preemption() as preemption:
+            while step < config.num_iterations:
+                started = time.perf_counter()
+                state, metrics, rewards, selected = parrot_iteration(run, state)
+                step += 1
+                writer.add(step, metrics)
+                if timer is None:
+                    jax.block_until_ready(state["step"])
+                    timer = (time.perf_counter(), 0)
+                    logging.info("iteration %d (with compilation): %.1f s", step,
+                                 time.perf_counter() - started)
+                else:
+                    timer = (timer[0], timer[1] + 1)
+                if step % config.log_every == 0 or step == config.num_iterations:
+                    host_rewards = _host(rewards)
+                    now = time.perf_counter()
+                    extra = {"pareto/hypervolume": front_hypervolume(host_rewards, reference)}
+                    if timer[1]:
+                        extra["perf/samples_per_sec"] = (timer[1] * run.sizes.batch
+                                                         / (now - timer[0]))
+                        extra["perf/iteration_seconds"] = (now - timer[0]) / timer[1]
+                    record = writer.flush(extra)
+                    result.update(record)
+                    eta = ((config.num_iterations - step) * extra["perf/iteration_seconds"]
+                           if timer[1] else math.nan)
+                    logging.info("iteration %d/%d: %s; ETA %.0f s", step, config.num_iterations,
+                                 ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                           if k.startswith(("reward/", "t2i/loss", "pen/loss",
+                                                            "perf/samples"))), eta)
+                if step % config.eval_every == 0:
+                    write_pictures(run, state, step, rewards, selected, workdir, tensorboard)
+                stop = preemption.requested or manager.reached_preemption(step)
+                if (step % config.checkpoint_every == 0 or step == config.num_iterations
+                        or stop):
+                    checkpoint.save(manager, step, state)
+                if stop:
+                    result["preempted"] = True
+                    logging.warning("stopped at iteration %d after a preemption signal; the "
+                                    "checkpoint is saved", step)
+                    break
+        manager.wait_until_finished()
+    finally:  # also on a NaN stop: close what holds threads and files
+        manager.close()
+        run.models.rewards.close()
+        if tensorboard is not None:
+            tensorboard.close()
     result["step"] = step
     return result
 

@@ -56,11 +56,13 @@ def front_hypervolume(rewards: np.ndarray, reference: np.ndarray | None) -> floa
 
 
 class MetricsWriter:
-    """Buffers per-iteration device metrics; ``flush`` writes the log step's record."""
+    """Buffers per-iteration device metrics; ``flush`` writes the log step's record (and, given
+    a ``tensorboard`` writer, the same numbers as TensorBoard scalars)."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, tensorboard: Any = None):
         self.path = Path(workdir) / METRICS_FILE
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.tensorboard = tensorboard  # a training.tensorboard.TensorBoardWriter or None
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Keep iteration ``step``'s metrics (device scalars; nothing is fetched)."""
@@ -85,6 +87,10 @@ class MetricsWriter:
         if jax.process_index() == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(record["step"],
+                                         {k: v for k, v in record.items() if k != "step"})
+                self.tensorboard.flush()
         return record
 
 

@@ -1,0 +1,149 @@
+"""Score a Parrot run: ``python -m parrot_jax.evaluate --workdir W --prompts FILE --out DIR``.
+
+Each prompt of FILE (one per line) gets ``--num-images`` images sampled as ``parrot_jax.sample``
+does (PEN expansion, identifiers, Eq. 5 guidance; same flags), and every reward of the run's
+``RewardSet`` scores them; text-reading rewards (alignment) read the ORIGINAL prompt. The
+checkpoint is scored, and with ``--base`` also the untrained models, with the same seeds (paired
+noise). Writes ``eval.json`` (per model, per reward: mean and std over all images) and
+``eval.md`` (the same as a markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parrot_jax.data.promptist import DatasetError, read_prompts
+from parrot_jax.sample import (
+    LoadedRun,
+    RunError,
+    add_generation_args,
+    generate,
+    identifiers_arg,
+    load_runs,
+)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt chunk ``index`` under ``--seed seed``."""
+    return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
+
+
+def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[int],
+          w1: float, w2: float, expand_prompt: bool, greedy: bool, num_images: int, seed: int,
+          batch_prompts: int) -> np.ndarray:
+    """Rewards ``[len(prompts) * num_images, K]`` (rows prompt-major, columns in
+    ``rewards.names`` order). Prompts go ``batch_prompts`` at a time; chunk ``i`` samples with
+    ``chunk_seed(seed, i)``, so two models see the same noise. Reward batches are padded to a
+    multiple of the run's devices (the padding rows are dropped)."""
+    rewards = loaded.models.rewards
+    out = []
+    for i, start in enumerate(range(0, len(prompts), batch_prompts)):
+        chunk = list(prompts[start:start + batch_prompts])
+        samples = generate(loaded, chunk, identifiers=identifiers, w1=w1, w2=w2,
+                           expand_prompt=expand_prompt, greedy=greedy, num_images=num_images,
+                           seed=chunk_seed(seed, i))
+        per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
+        images, originals, conditions = (samples.images, per_image(chunk),
+                                         per_image(samples.conditions))
+        n = len(images)
+        pad = -n % loaded.devices
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+            originals = originals + originals[-1:] * pad
+            conditions = conditions + conditions[-1:] * pad
+        r = rewards(rewards.inputs(images, prompts=originals, conditions=conditions))
+        out.append(np.asarray(r)[:n])
+    return np.concatenate(out)
+
+
+def summary(values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{reward: {'mean', 'std'}}`` over the rows of ``values`` ``[B, K]`` (population std)."""
+    if not np.all(np.isfinite(values)):
+        bad = [names[k] for k in np.flatnonzero(~np.all(np.isfinite(values), axis=0))]
+        raise RunError(f"non-finite rewards from {bad}")
+    return {name: {"mean": float(values[:, k].mean()), "std": float(values[:, k].std())}
+            for k, name in enumerate(names)}
+
+
+def markdown(results: dict[str, dict[str, dict[str, float]]], names: Sequence[str]) -> str:
+    """One row per model, one ``mean ± std`` column per reward."""
+    lines = ["| model | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for model, stats in results.items():
+        lines.append(f"| {model} | " + " | ".join(
+            f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m parrot_jax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--batch-prompts", type=int, default=8,
+                        help="prompts sampled per compiled call")
+    add_generation_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (without the program name), evaluate, write ``eval.json`` and
+    ``eval.md`` under ``--out``; returns the ``eval.json`` record. Bad options, prompt files
+    and workdirs exit with status 2."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.base and args.step is not None:
+        parser.error("--base and --step exclude each other")
+    for name in ("num_images", "batch_prompts"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    try:
+        prompts = read_prompts(args.prompts)
+    except (DatasetError, OSError) as e:
+        parser.error(f"--prompts: {e}")
+    try:
+        runs = load_runs(args.workdir, step=args.step, base=args.base)
+    except RunError as e:
+        parser.error(str(e))
+    rewards = runs[0].models.rewards
+    names = list(rewards.names)
+    try:
+        ids = identifiers_arg(parser, args.identifiers, len(names))
+        results = {}
+        for loaded in runs:
+            values = score(loaded, prompts, identifiers=ids, w1=args.w1, w2=args.w2,
+                           expand_prompt=not args.no_expand, greedy=not args.pen_sample,
+                           num_images=args.num_images, seed=args.seed,
+                           batch_prompts=args.batch_prompts)
+            results[loaded.label] = summary(values, names)
+    except RunError as e:
+        parser.error(str(e))
+    finally:
+        rewards.close()
+    record = {
+        "workdir": str(args.workdir), "prompts": str(args.prompts), "num_prompts": len(prompts),
+        "num_images": args.num_images, "seed": args.seed, "expand": not args.no_expand,
+        "identifiers": [i + 1 for i in ids] if not args.no_expand else [],
+        "guidance": ({"w1": args.w1, "w2": args.w2} if not args.no_expand
+                     else {"cfg": args.w1}),
+        "rewards": names, "models": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "eval.md").write_text(
+        f"Rewards on {len(prompts)} prompts of {args.prompts} x {args.num_images} images "
+        f"(seed {args.seed}); mean ± std over images.\n\n" + markdown(results, names))
+    print(f"wrote eval.json and eval.md to {out}", file=sys.stderr)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``python -m parrot_jax.sample`` / ``parrot_jax.evaluate`` on a smoke training run (tiny random
+models, 8 simulated devices): files and shapes, determinism per seed, identifiers in the
+conditioning text, ``--w2 0`` = plain CFG on the prompt, rewards of the original prompt, and
+clear errors."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from parrot_jax import evaluate, sample
+from parrot_jax.training import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on a white background"
+
+
+def _smoke_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("smoke")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    config = _smoke_config()
+    if "eval_every" in config:  # no evaluation grids: this module needs only the checkpoint
+        config.eval_every = 1000
+    train_and_evaluate(config, path)
+    return path
+
+
+def _images(out: Path, record: dict) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(out / f)) for f in record["files"]])
+
+
+def _sample(workdir, out, *extra):
+    record = sample.main(["--workdir", str(workdir), "--prompt", PROMPT, "--out", str(out),
+                          "--num-images", "2", "--identifiers", "1,3", *extra])
+    return record, _images(out, record)
+
+
+def test_sample_writes_pngs_and_record(workdir, tmp_path):
+    record, images = _sample(workdir, tmp_path / "a", "--seed", "3")
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    assert len(set(map(bytes, images))) == 2  # the two draws differ
+    saved = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert saved == record
+    assert record["model"] == "step_2" and record["seed"] == 3 and record["prompt"] == PROMPT
+    assert record["identifiers"] == [1, 3]
+    assert record["conditioning_text"].startswith("<reward 1>, <reward 3>, ")
+    assert record["expansion"] and record["pen_decoding"] == "greedy"
+    # same seed: same images (and greedy expansion); another seed: other images
+    again, same = _sample(workdir, tmp_path / "b", "--seed", "3")
+    np.testing.assert_array_equal(images, same)
+    assert again["expansion"] == record["expansion"]
+    _, other = _sample(workdir, tmp_path / "c", "--seed", "4")
+    assert not np.array_equal(images, other)
+
+
+def test_identifiers_change_the_conditioning_text(workdir, tmp_path):
+    one, a = _sample(workdir, tmp_path / "a", "--identifiers", "2")
+    none, b = _sample(workdir, tmp_path / "b", "--identifiers", "none")
+    assert one["identifiers"] == [2]
+    assert one["conditioning_text"] == "<reward 2>, " + one["expansion"]
+    assert none["conditioning_text"] == none["expansion"]
+    assert not np.array_equal(a, b)  # the UNet sees the identifiers
+
+
+def test_w2_zero_is_plain_cfg_on_the_prompt(workdir):
+    loaded = sample.load_runs(workdir)[0]
+    try:
+        centred = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=5.0, w2=0.0,
+                                  num_images=2, seed=1)
+        cfg = sample.generate(loaded, [PROMPT], identifiers=[], w1=5.0, w2=5.0,
+                              expand_prompt=False, num_images=2, seed=1)
+        full = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=5.0, w2=5.0,
+                               num_images=2, seed=1)
+    finally:
+        loaded.models.rewards.close()
+    assert cfg.conditions == [PROMPT] and cfg.expansions == [""]
+    np.testing.assert_allclose(centred.images, cfg.images, atol=1e-5)
+    assert np.abs(full.images - cfg.images).max() > 1e-3  # the expansion does matter
+
+
+def test_base_differs_from_the_checkpoint(workdir, tmp_path):
+    base, _ = _sample(workdir, tmp_path / "a", "--base")
+    assert base["model"] == "base"
+    loaded = sample.load_runs(workdir, base=True)
+    try:
+        unet = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(r.unet_params)])
+                for r in loaded]
+    finally:
+        loaded[0].models.rewards.close()
+    assert [r.label for r in loaded] == ["step_2", "base"]
+    assert not np.array_equal(*unet)  # two T2I updates moved the cross-attention
+
+
+def test_evaluate_scores_original_prompts(workdir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    texts = [PROMPT, "a castle on a hill"]
+    prompts.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "eval"
+    record = evaluate.main(["--workdir", str(workdir), "--prompts", str(prompts), "--out",
+                            str(out), "--base", "--num-images", "2", "--batch-prompts", "1",
+                            "--seed", "7", "--identifiers", "1,3"])
+    assert json.loads((out / "eval.json").read_text()) == record
+    names = record["rewards"]
+    assert names == ["aesthetics", "human_preference", "alignment", "sentiment"]
+    assert set(record["models"]) == {"step_2", "base"}
+    table = (out / "eval.md").read_text().splitlines()
+    assert table[2] == "| model | " + " | ".join(names) + " |"
+    assert [line.split(" | ")[0] for line in table[4:]] == ["| step_2", "| base"]
+    # Recompute the checkpoint's rewards: 2 prompts in chunks of 1 (2 images padded to the 8
+    # devices), rewards of the ORIGINAL prompt (conditions are the identified expansions).
+    loaded = sample.load_runs(workdir)[0]
+    rewards = loaded.models.rewards
+    try:
+        rows, conditions = [], []
+        for i, chunk in enumerate([texts[:1], texts[1:]]):
+            s = sample.generate(loaded, chunk, identifiers=[0, 2], w1=5.0, w2=5.0,
+                                num_images=2, seed=evaluate.chunk_seed(7, i))
+            originals = [p for p in chunk for _ in range(2)]
+            conds = [c for c in s.conditions for _ in range(2)]
+            pad = -len(originals) % 8
+            images = np.concatenate([s.images, np.repeat(s.images[-1:], pad, axis=0)])
+            value = rewards(rewards.inputs(images, prompts=originals + originals[-1:] * pad,
+                                           conditions=conds + conds[-1:] * pad))
+            swapped = rewards(rewards.inputs(images, prompts=conds + conds[-1:] * pad,
+                                             conditions=conds + conds[-1:] * pad))
+            rows.append(np.asarray(value)[:len(originals)])
+            conditions.append(np.asarray(swapped)[:len(originals)])
+    finally:
+        rewards.close()
+    values = np.concatenate(rows)
+    stats = record["models"]["step_2"]
+    for k, name in enumerate(names):
+        assert stats[name]["mean"] == pytest.approx(values[:, k].mean(), rel=1e-4, abs=1e-6)
+        assert stats[name]["std"] == pytest.approx(values[:, k].std(), rel=1e-3, abs=1e-6)
+    alignment = names.index("alignment")
+    assert not np.allclose(np.concatenate(conditions)[:, alignment], values[:, alignment])
+
+
+@pytest.mark.parametrize("spec, message", [("0,2", "expected integers 1..4"),
+                                           ("1,1", "repeated"), ("1,x", "'x'"), ("", "''")])
+def test_bad_identifiers_are_usage_errors(capsys, spec, message):
+    parser = sample._parser()
+    with pytest.raises(SystemExit) as e:
+        sample.identifiers_arg(parser, spec, 4)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_identifier_specs():
+    parser = sample._parser()
+    assert sample.identifiers_arg(parser, "all", 4) == [0, 1, 2, 3]
+    assert sample.identifiers_arg(parser, "none", 4) == []
+    assert sample.identifiers_arg(parser, "3, 1", 4) == [2, 0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--identifiers", "all"], "alone take 18 tokens"),  # 4 identifiers > the tiny context 16
+    (["--step", "1"], "no such checkpoint"),
+    (["--base", "--step", "2"], "exclude"),
+    (["--num-images", "0"], "must be positive"),
+])
+def test_sample_errors(workdir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--workdir", str(workdir), "--prompt", PROMPT, "--out", str(tmp_path),
+                     *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "samples.json").exists()
+
+
+def test_workdir_errors(workdir, tmp_path, capsys):
+    cases = [(tmp_path / "missing", "no such directory"), (tmp_path, "config.json: missing")]
+    bare = tmp_path / "untrained"
+    bare.mkdir()
+    shutil.copy(workdir / "config.json", bare)
+    shutil.copytree(workdir / "tokenizers", bare / "tokenizers")
+    cases.append((bare, "no checkpoint"))
+    for path, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--workdir", str(path), "--prompt", PROMPT, "--out",
+                         str(tmp_path / "o")])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, path
+    prompts = tmp_path / "blank.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--workdir", str(workdir), "--prompts", str(prompts), "--out",
+                       str(tmp_path / "o")])
+    assert e.value.code == 2 and f"{prompts}:2: blank line" in capsys.readouterr().err
