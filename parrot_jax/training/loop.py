@@ -330,6 +330,17 @@ class Run:
 
 # --- one iteration ---------------------------------------------------------------------------
 
+def _policy_rollout(run: Run, state: dict, cond_ids: Any, key: jax.Array) -> tuple:
+    """G x N images in [0, 1] from the current T2I policy for the conditioning token ids
+    ``[G, L]`` (CFG against the null prompt): ``(images, trajectory, contexts)``."""
+    m, c = run.models, run.config
+    t2i_params = merged_params(state["t2i"]["trainable"], run.frozen)
+    return _rollout_and_decode(
+        m.unet, m.text_encoder, m.vae, run.sizes.group_size, m.latent_shape, c.sample.eta,
+        m.scaling_factor, parallel.batch_sharding(run.mesh), t2i_params, m.text_params,
+        m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond_ids, run.null_ids, key)
+
+
 def parrot_iteration(run: Run, state: dict
                      ) -> tuple[dict, dict[str, jax.Array], jax.Array, jax.Array]:
     """One Parrot iteration (module docstring) -> (new state, device metrics, rewards
@@ -355,12 +366,7 @@ def parrot_iteration(run: Run, state: dict
     cond = tokenize_conditioning(m.clip_tokenizer, [identifier_prefix([k]) for k in k_g],
                                  expanded, m.context_length)
     # 4.-5. rollouts of N images per group, decoded to [0, 1]
-    t2i_params = merged_params(state["t2i"]["trainable"], run.frozen)
-    images, traj, contexts = _rollout_and_decode(
-        m.unet, m.text_encoder, m.vae, sizes.group_size, m.latent_shape, c.sample.eta,
-        m.scaling_factor, parallel.batch_sharding(run.mesh), t2i_params, m.text_params,
-        m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond["input_ids"],
-        run.null_ids, k_roll)
+    images, traj, contexts = _policy_rollout(run, state, cond["input_ids"], k_roll)
     per_image = lambda xs: [x for x in xs for _ in range(sizes.group_size)]  # noqa: E731
     inputs = m.rewards.inputs(images, prompts=per_image(prompts),
                               conditions=per_image(cond["texts"]))
@@ -449,12 +455,7 @@ def eval_images(run: Run, state: dict) -> tuple[np.ndarray, list[str]]:
     expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
     prefixes = [identifier_prefix([g % len(m.rewards.names)]) for g in range(sizes.groups)]
     cond = tokenize_conditioning(m.clip_tokenizer, prefixes, expanded, m.context_length)
-    t2i_params = merged_params(state["t2i"]["trainable"], run.frozen)
-    images, _, _ = _rollout_and_decode(
-        m.unet, m.text_encoder, m.vae, sizes.group_size, m.latent_shape, c.sample.eta,
-        m.scaling_factor, parallel.batch_sharding(run.mesh), t2i_params, m.text_params,
-        m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond["input_ids"],
-        run.null_ids, k_roll)
+    images, _, _ = _policy_rollout(run, state, cond["input_ids"], k_roll)
     images = _host(images)
     return images.reshape(sizes.groups, sizes.group_size, *images.shape[1:]), cond["texts"]
 
