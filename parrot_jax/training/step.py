@@ -5,9 +5,9 @@ optax update (METHOD.md §4.3, §4.5, §8.3).
 Each sample trains on a random subset of its own timesteps (``timestep_fraction`` of S, permuted
 independently per sample as DDPO does). Every scan step re-scores one transition per sample under
 the same guidance rule, weights and DDIM step as sampling (``rl.rescore_log_prob``), so the ratio
-is exactly 1 before the first update. Only the trainable subset has gradients and optimizer
-state: cross-attention (``attn2``, the paper's choice), everything, or LoRA factors; the frozen
-rest is carried unchanged.
+is 1 (to float32 rounding, ~1e-6) before the first update. Only the trainable subset has
+gradients and optimizer state: cross-attention (``attn2``, the paper's choice), everything, or
+LoRA factors; the frozen rest is carried unchanged.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class T2IUpdateConfig:
     remat_policy: str | None = "nothing_saveable"  # UNet per-block remat (jax.checkpoint_policies)
     # Timesteps per iteration of the scan's loop (True: no loop). XLA:CPU runs the UNet's
     # forward+backward about 2x slower inside a loop body than unrolled (benchmarks/
-    # train_step.py), so CPU runs unroll; on accelerators a rolled loop keeps compile time and
-    # program size independent of the number of trained timesteps.
+    # train_step.py): CPU runs may unroll at the cost of compile time; on accelerators a rolled
+    # loop keeps compile time and program size independent of the number of trained timesteps.
     scan_unroll: int | bool = 1
 
     def train_timesteps(self, num_steps: int) -> int:
