@@ -73,8 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.tiny.t5_vocab_size = 256  # T5 BPE pieces to train (incl. 3 special)
 
     c.data = ml_collections.ConfigDict()
-    c.data.prompts = "builtin"  # 'builtin' (the list in training/models.py) or a text file with
-    # one prompt per line (Promptist's RL prompts)
+    c.data.prompts = "builtin"  # 'builtin' (the list in training/models.py), a text file with
+    # one prompt per line (Promptist's RL prompts), or 'tfds:<data_dir>[:<split>]': the user
+    # prompts of a prepared promptist_pairs TFDS dataset
     c.data.max_prompt_length = 48  # PEN input tokens of a templated prompt (longer: an error)
 
     c.num_groups = 4  # G: prompts per iteration (one expansion + one identifier each), global
@@ -133,6 +134,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_to_keep = 2  # checkpoints kept
     c.eval_every = 5  # iterations between workdir/eval PNGs (image grid, reward scatter)
     c.eval_prompts = ("a castle on a hill", "a bowl of fruit on a table")  # grid rows (<= G)
+
+    c.final_eval = ml_collections.ConfigDict()  # base vs trained at the end (final_eval.json)
+    c.final_eval.prompts = ""  # held-out prompt file, one per line; '' = no final evaluation
+    c.final_eval.num_images = 4  # images per prompt and model
+    c.final_eval.identifiers = "all"  # reward identifiers at inference: 'all', '1,3', 'none'
+    c.final_eval.w1 = 5.0  # prompt-centred guidance weight of the original prompt (Eq. 5)
+    c.final_eval.w2 = 5.0  # ... and of the identified expansion
+    c.final_eval.seed = 0  # sampling seed (both models draw the same noise)
+    c.final_eval.batch_prompts = 8  # prompts per compiled sampling call
+    c.final_eval.oracle = False  # also the toy world's pixel oracle metrics (toy prompts only)
 
     if "smoke" in parts:  # one resolution level: compiles in half the time
         c.model.tiny.unet.block_out_channels = (32,)

@@ -4,8 +4,12 @@ Each prompt of FILE (one per line) gets ``--num-images`` images sampled as ``par
 does (PEN expansion, identifiers, Eq. 5 guidance; same flags), and every reward of the run's
 ``RewardSet`` scores them; text-reading rewards (alignment) read the ORIGINAL prompt. The
 checkpoint is scored, and with ``--base`` also the untrained models, with the same seeds (paired
-noise). Writes ``eval.json`` (per model, per reward: mean and std over all images) and
-``eval.md`` (the same as a markdown table).
+noise). Writes ``eval.json`` (per model, per reward: mean and std over all images, and the
+hypervolume of the model's reward vectors) and ``eval.md`` (the same as a markdown table).
+
+The hypervolume of a model is that of all its images' reward vectors (one point per image),
+measured from one reference shared by the models of the file: each reward's minimum over every
+model's images (``hypervolume_reference`` in eval.json). It compares models within one file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from parrot_jax.sample import (
     identifiers_arg,
     load_runs,
 )
+from parrot_jax.training.metrics import front_hypervolume
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -37,11 +42,13 @@ def chunk_seed(seed: int, index: int) -> int:
 
 def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[int],
           w1: float, w2: float, expand_prompt: bool, greedy: bool, num_images: int, seed: int,
-          batch_prompts: int) -> np.ndarray:
+          batch_prompts: int,
+          on_images: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
     """Rewards ``[len(prompts) * num_images, K]`` (rows prompt-major, columns in
     ``rewards.names`` order). Prompts go ``batch_prompts`` at a time; chunk ``i`` samples with
     ``chunk_seed(seed, i)``, so two models see the same noise. Reward batches are padded to a
-    multiple of the run's devices (the padding rows are dropped)."""
+    multiple of the run's devices (the padding rows are dropped). ``on_images`` receives each
+    chunk's images ``[n, H, W, 3]`` in [0, 1], in row order."""
     rewards = loaded.models.rewards
     out = []
     for i, start in enumerate(range(0, len(prompts), batch_prompts)):
@@ -49,6 +56,8 @@ def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[in
         samples = generate(loaded, chunk, identifiers=identifiers, w1=w1, w2=w2,
                            expand_prompt=expand_prompt, greedy=greedy, num_images=num_images,
                            seed=chunk_seed(seed, i))
+        if on_images is not None:
+            on_images(samples.images)
         per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
         images, originals, conditions = (samples.images, per_image(chunk),
                                          per_image(samples.conditions))
@@ -72,13 +81,27 @@ def summary(values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, flo
             for k, name in enumerate(names)}
 
 
-def markdown(results: dict[str, dict[str, dict[str, float]]], names: Sequence[str]) -> str:
-    """One row per model, one ``mean ± std`` column per reward."""
-    lines = ["| model | " + " | ".join(names) + " |",
-             "|---|" + "---|" * len(names)]
+def with_hypervolumes(values: dict[str, np.ndarray], names: Sequence[str]
+                      ) -> tuple[dict[str, dict[str, Any]], list[float]]:
+    """Per model (``values``: label -> rewards ``[B, K]``): ``summary`` plus ``hypervolume``,
+    all measured from the shared reference (each reward's minimum over every model's rows),
+    which is returned too."""
+    reference = np.min(np.concatenate(list(values.values())), axis=0)
+    results = {}
+    for label, v in values.items():
+        results[label] = summary(v, names)
+        results[label]["hypervolume"] = front_hypervolume(v, reference)
+    return results, [float(x) for x in reference]
+
+
+def markdown(results: dict[str, dict[str, Any]], names: Sequence[str]) -> str:
+    """One row per model, one ``mean ± std`` column per reward, then the hypervolume."""
+    lines = ["| model | " + " | ".join(names) + " | hypervolume |",
+             "|---|" + "---|" * (len(names) + 1)]
     for model, stats in results.items():
         lines.append(f"| {model} | " + " | ".join(
-            f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names) + " |")
+            f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names)
+            + f" | {stats['hypervolume']:.4g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,13 +139,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = list(rewards.names)
     try:
         ids = identifiers_arg(parser, args.identifiers, len(names))
-        results = {}
+        values = {}
         for loaded in runs:
-            values = score(loaded, prompts, identifiers=ids, w1=args.w1, w2=args.w2,
-                           expand_prompt=not args.no_expand, greedy=not args.pen_sample,
-                           num_images=args.num_images, seed=args.seed,
-                           batch_prompts=args.batch_prompts)
-            results[loaded.label] = summary(values, names)
+            values[loaded.label] = score(
+                loaded, prompts, identifiers=ids, w1=args.w1, w2=args.w2,
+                expand_prompt=not args.no_expand, greedy=not args.pen_sample,
+                num_images=args.num_images, seed=args.seed, batch_prompts=args.batch_prompts)
+        results, reference = with_hypervolumes(values, names)
     except RunError as e:
         parser.error(str(e))
     finally:
@@ -133,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "identifiers": [i + 1 for i in ids] if not args.no_expand else [],
         "guidance": ({"w1": args.w1, "w2": args.w2} if not args.no_expand
                      else {"cfg": args.w1}),
-        "rewards": names, "models": results,
+        "rewards": names, "hypervolume_reference": reference, "models": results,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

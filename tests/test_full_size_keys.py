@@ -14,25 +14,16 @@ from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax.traverse_util import flatten_dict
 
+from parrot_jax import architectures
 from parrot_jax.convert import plan_conversion
 from parrot_jax.hub import clip_tower_key_fn
 from parrot_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
 
-_BLOCKS = dict(
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    block_out_channels=[320, 640, 1280, 1280],
-)
-# unet/config.json of stable-diffusion-v1-5 and of stable-diffusion-2-1 (768, v-prediction).
-SD15_UNET = dict(
-    _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8,
-    center_input_sample=False, cross_attention_dim=768, downsample_padding=1,
-    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4,
-    sample_size=64, **_BLOCKS,
-)
+# unet/config.json of stable-diffusion-v1-5 (as the planner ships it) and of
+# stable-diffusion-2-1 (768, v-prediction).
+SD15_UNET = architectures.SD15["unet"]
 SD21_UNET = dict(
     SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
     dual_cross_attention=False, num_class_embeds=None, only_cross_attention=False,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from parrot_jax import hub
 from parrot_jax.data import DatasetError, synthetic_pairs
 from parrot_jax.data.pipeline import PairEncoder
 from parrot_jax.expansion.template import InstructionTemplate
@@ -153,6 +154,25 @@ def test_cli_lora_on_jsonl_files(tmp_path):
                if not np.array_equal(v, base[k])}
     assert changed and all(k.endswith(("q/kernel", "k/kernel", "v/kernel", "o/kernel"))
                            and "Attention" in k for k in changed), changed
+    # The export CLI writes the merged PEN as a transformers T5 folder that our loaders (the
+    # ones config.model.pen goes through) read back exactly, with its tokenizer.
+    out = tmp_path / "pen"
+    done = subprocess.run([sys.executable, "-m", "parrot_jax.export_pen", f"--workdir={workdir}",
+                           f"--out={out}"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, exported = hub.load_t5(out)
+    exported = flatten_dict(exported)
+    assert set(exported) == set(flatten_dict(params))
+    for k, v in flatten_dict(params).items():
+        np.testing.assert_array_equal(exported[k], v, err_msg="/".join(k))
+    text = "a red cat sitting on a mat"
+    assert hub.load_tokenizer(out)(text)["input_ids"] == pen_sft.load_model(
+        config, workdir)[2](text)["input_ids"]
+    again = subprocess.run([sys.executable, "-m", "parrot_jax.export_pen",
+                            f"--workdir={workdir}", f"--out={out}"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 2 and "not empty" in again.stderr
 
 
 def test_tfds_data_for_sft(tmp_path):

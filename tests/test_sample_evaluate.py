@@ -15,6 +15,8 @@ from PIL import Image
 
 from parrot_jax import evaluate, sample
 from parrot_jax.training import train_and_evaluate
+from parrot_jax.training.final_eval import table as final_table
+from parrot_jax.training.metrics import front_hypervolume
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a white background"
@@ -33,7 +35,14 @@ def workdir(tmp_path_factory):
     config = _smoke_config()
     if "eval_every" in config:  # no evaluation grids: this module needs only the checkpoint
         config.eval_every = 1000
-    train_and_evaluate(config, path)
+    held_out = path.parent / "held_out.txt"
+    held_out.write_text("a castle on a hill\n" + PROMPT + "\n")
+    config.final_eval.prompts = str(held_out)
+    config.final_eval.num_images = 2
+    config.final_eval.batch_prompts = 1
+    config.final_eval.identifiers = "1,3"  # all four do not fit the tiny 16-token context
+    result = train_and_evaluate(config, path)
+    assert result["final_eval"] == json.loads((path / "final_eval.json").read_text())
     return path
 
 
@@ -116,7 +125,7 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     assert names == ["aesthetics", "human_preference", "alignment", "sentiment"]
     assert set(record["models"]) == {"step_2", "base"}
     table = (out / "eval.md").read_text().splitlines()
-    assert table[2] == "| model | " + " | ".join(names) + " |"
+    assert table[2] == "| model | " + " | ".join(names) + " | hypervolume |"
     assert [line.split(" | ")[0] for line in table[4:]] == ["| step_2", "| base"]
     # Recompute the checkpoint's rewards: 2 prompts in chunks of 1 (2 images padded to the 8
     # devices), rewards of the ORIGINAL prompt (conditions are the identified expansions).
@@ -144,6 +153,13 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     for k, name in enumerate(names):
         assert stats[name]["mean"] == pytest.approx(values[:, k].mean(), rel=1e-4, abs=1e-6)
         assert stats[name]["std"] == pytest.approx(values[:, k].std(), rel=1e-3, abs=1e-6)
+    # Hypervolume of the checkpoint's images from the reference shared with the base model
+    # (each reward's minimum over both models' images).
+    reference = np.asarray(record["hypervolume_reference"])
+    assert np.all(reference <= values.min(axis=0) + 1e-5)
+    assert np.any(reference < values.min(axis=0) - 1e-7)  # the base model set some minimum
+    assert stats["hypervolume"] == pytest.approx(front_hypervolume(values, reference), rel=1e-3)
+    assert record["models"]["base"]["hypervolume"] > 0
     alignment = names.index("alignment")
     assert not np.allclose(np.concatenate(conditions)[:, alignment], values[:, alignment])
 
@@ -198,3 +214,25 @@ def test_workdir_errors(workdir, tmp_path, capsys):
         evaluate.main(["--workdir", str(workdir), "--prompts", str(prompts), "--out",
                        str(tmp_path / "o")])
     assert e.value.code == 2 and f"{prompts}:2: blank line" in capsys.readouterr().err
+
+
+def test_final_evaluation_matches_evaluate(workdir, tmp_path):
+    """train.py's closing base-vs-trained table is parrot_jax.evaluate on the held-out file with
+    the same settings (identifiers, seed 0, paired noise)."""
+    final = json.loads((workdir / "final_eval.json").read_text())
+    names = final["details"]["rewards"]
+    assert set(final) == {"base", "trained", "details"}
+    assert list(final["trained"]) == names + ["hypervolume"]
+    record = evaluate.main(["--workdir", str(workdir), "--prompts",
+                            final["details"]["prompts"], "--out", str(tmp_path), "--base",
+                            "--num-images", "2", "--batch-prompts", "1", "--identifiers", "1,3"])
+    for label, model in (("trained", "step_2"), ("base", "base")):
+        for name in names:
+            assert final[label][name] == pytest.approx(record["models"][model][name]["mean"],
+                                                       rel=1e-5, abs=1e-7)
+        assert final[label]["hypervolume"] == pytest.approx(
+            record["models"][model]["hypervolume"], rel=1e-5)
+    assert final["details"]["hypervolume_reference"] == pytest.approx(
+        record["hypervolume_reference"])
+    text = final_table(final)
+    assert text.count("\n") == len(names) + 2 and "| hypervolume |" in text

@@ -23,7 +23,8 @@ from parrot_jax.training.pen_sft import checkpoint_manager
 CONFIG_FILE = "config.json"
 # Fields that may change between runs in one workdir: they change neither shapes nor semantics.
 RESUMABLE_FIELDS = ("num_iterations", "log_every", "checkpoint_every", "max_to_keep",
-                    "eval_every", "eval_prompts", "distributed", "mesh.", "param_sharding")
+                    "eval_every", "eval_prompts", "distributed", "mesh.", "param_sharding",
+                    "final_eval.")
 
 
 class IncompatibleWorkdirError(ValueError):

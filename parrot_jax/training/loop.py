@@ -63,6 +63,7 @@ from parrot_jax.expansion import (
     decode,
     identifier_prefix,
     init_pen_lora,
+    parse_identifiers,
     pen_rl_optimizer,
     pen_rl_step,
     tokenize_conditioning,
@@ -103,6 +104,7 @@ KNOWN_FIELDS = (
     "t2i.max_grad_norm", "t2i.clip_range", "t2i.timestep_fraction", "t2i.scan_unroll",
     "hypervolume_reference",
     "log_every", "checkpoint_every", "max_to_keep", "eval_every", "eval_prompts",
+    "final_eval.",
 )
 PARAM_RULES = {"replicate": parallel.REPLICATE_ALL, "fsdp": parallel.FSDP_ALL}
 
@@ -178,11 +180,36 @@ def pen_configs(config: ml_collections.ConfigDict) -> tuple[SamplingConfig, PENR
                                lora_rank=p.lora_rank, lora_alpha=p.lora_alpha))
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_prompts(spec: str) -> list[str]:
+    """``'tfds:<data_dir>[:<split>]'`` (split ``train`` by default): the distinct user prompts
+    of a prepared ``promptist_pairs`` TFDS dataset (the PEN SFT data), in record order."""
+    from parrot_jax.data.pipeline import as_pair
+    from parrot_jax.data.promptist import DatasetError
+    from parrot_jax.data.tfds_promptist import data_source
+
+    data_dir, _, split = spec[len(TFDS_PREFIX):].rpartition(":")
+    if not data_dir:  # no split given
+        data_dir, split = spec[len(TFDS_PREFIX):], "train"
+    source = data_source(data_dir, split)
+    prompts = list(dict.fromkeys(as_pair(source[i]).prompt for i in range(len(source))))
+    if not prompts:
+        raise DatasetError(f"config.data.prompts={spec!r}: the split holds no prompts")
+    return prompts
+
+
 def load_prompts(config: ml_collections.ConfigDict) -> list[str]:
-    """``data.prompts``: the built-in list or a file with one prompt per line."""
+    """``data.prompts``: 'builtin', a text file with one prompt per line, or a prepared TFDS
+    dataset ``'tfds:<data_dir>[:<split>]'`` (``tfds_prompts``). Every host reads the whole
+    list: the draw of each iteration's prompts is a pure function of (seed, position), so all
+    hosts agree on the global batch without communicating."""
     source = config.data.prompts
     if source == "builtin":
         return list(BUILTIN_PROMPTS)
+    if source.startswith(TFDS_PREFIX):
+        return tfds_prompts(source)
     if not Path(source).is_file():
         raise FileNotFoundError(f"config.data.prompts={source!r}: no such file (or 'builtin')")
     return read_prompts(source)
@@ -341,11 +368,28 @@ def _policy_rollout(run: Run, state: dict, cond_ids: Any, key: jax.Array) -> tup
         m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond_ids, run.null_ids, key)
 
 
-def parrot_iteration(run: Run, state: dict
+class PhaseTimer:
+    """Wall seconds per phase of ``parrot_iteration`` (benchmarks only: each phase ends by
+    blocking on its outputs, which removes the overlap of host and device work)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str, *outputs: Any) -> None:
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._start
+        self._start = now
+
+
+def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
                      ) -> tuple[dict, dict[str, jax.Array], jax.Array, jax.Array]:
     """One Parrot iteration (module docstring) -> (new state, device metrics, rewards
-    ``[B, K]``, selection mask ``[B]``: the samples the T2I update used)."""
+    ``[B, K]``, selection mask ``[B]``: the samples the T2I update used). ``timer``: record
+    per-phase times (blocking between phases)."""
     c, m, sizes = run.config, run.models, run.sizes
+    mark = timer or (lambda name, *outputs: None)
     key, k_pen, k_id, k_roll, k_train, k_perm = jax.random.split(
         jax.random.wrap_key_data(state["key"]), 6)
     position = int(state["data_position"])
@@ -360,6 +404,7 @@ def parrot_iteration(run: Run, state: dict
     lora = state["pen"]["lora"]
     expansion = _expand(m.pen, run.sampling, m.pen_params, lora, ids, mask, k_pen)
     expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
+    mark("pen_expand", expansion)
     # 3. identifiers k_g and the conditioning text "<reward k_g>, " + ĉ_g
     k_g = assign_identifiers(sizes.groups, len(m.rewards.names), c.identifiers,
                              start=step * sizes.groups, key=k_id)
@@ -367,16 +412,19 @@ def parrot_iteration(run: Run, state: dict
                                  expanded, m.context_length)
     # 4.-5. rollouts of N images per group, decoded to [0, 1]
     images, traj, contexts = _policy_rollout(run, state, cond["input_ids"], k_roll)
+    mark("rollout_and_decode", images, traj, contexts)
     per_image = lambda xs: [x for x in xs for _ in range(sizes.group_size)]  # noqa: E731
     inputs = m.rewards.inputs(images, prompts=per_image(prompts),
                               conditions=per_image(cond["texts"]))
     rewards = m.rewards.submit(inputs).result()
+    mark("rewards", rewards)
     # 6. Pareto selection and advantages
     reward_ids = np.repeat(k_g, sizes.group_size).astype(np.int32)
     adv, tracker, pen_adv, metrics = _advantages(
         run.advantage, sizes.group_size, m.rewards.names, parallel.replicated(run.mesh),
         rewards, reward_ids,
         state["tracker"], np.repeat(prompt_ids, sizes.group_size).astype(np.int32))
+    mark("advantages", adv, metrics)
     new = {**state, "tracker": tracker, "key": jax.random.key_data(key),
            "step": state["step"] + 1, "data_position": state["data_position"] + 1}
     # 7. T2I update: num_minibatches optimiser steps over a random split of the batch
@@ -398,6 +446,7 @@ def parrot_iteration(run: Run, state: dict
         for name in ("loss", "approx_kl", "clipfrac", "grad_norm"):
             metrics[f"t2i/{name}"] = jnp.mean(jnp.stack([s[name] for s in steps]))
         metrics["t2i/ratio_first"] = steps[0]["ratio"]
+        mark("t2i_update", t2i)
     # 8. PEN update: REINFORCE with each group's mean selected reward
     if c.pen.train:
         lora, opt_state, out = pen_rl_step(
@@ -406,6 +455,7 @@ def parrot_iteration(run: Run, state: dict
         new["pen"] = {"lora": lora, "opt_state": opt_state}
         for name in ("loss", "log_prob", "grad_norm", "advantage"):
             metrics[f"pen/{name}"] = out[name]
+        mark("pen_update", lora)
     return new, metrics, rewards, adv.selected
 
 
@@ -425,6 +475,23 @@ def check_eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
         raise ValueError(f"config.eval_prompts={prompts!r}: 1 to num_groups="
                          f"{config.num_groups} non-empty prompts")
     return list(prompts)
+
+
+def check_final_eval(config: ml_collections.ConfigDict, num_rewards: int) -> None:
+    """``config.final_eval``, checked before training rather than after it: the prompt file
+    reads, the identifiers parse, the sizes are positive."""
+    fe = config.final_eval
+    if not fe.prompts:
+        return
+    read_prompts(fe.prompts)
+    if fe.identifiers != "none":
+        try:
+            parse_identifiers(fe.identifiers, num_rewards)
+        except ValueError as e:
+            raise ValueError(f"config.final_eval.identifiers: {e}") from e
+    for name in ("num_images", "batch_prompts"):
+        if not isinstance(fe[name], int) or fe[name] <= 0:
+            raise ValueError(f"config.final_eval.{name}={fe[name]!r} must be a positive int")
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -537,6 +604,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
                          f"the rewards {models.rewards.names}")
     parse_reference(config.hypervolume_reference, len(models.rewards.names))
     check_eval_prompts(config)
+    check_final_eval(config, len(models.rewards.names))
     rep = parallel.replicated(mesh)
     models.text_params = jax.device_put(models.text_params, rep)
     models.vae_params = jax.device_put(models.vae_params, rep)
@@ -625,5 +693,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if tensorboard is not None:
             tensorboard.close()
     result["step"] = step
+    if config.final_eval.prompts and not result["preempted"]:
+        from parrot_jax.training.final_eval import final_evaluation, table
+
+        record = final_evaluation(config, workdir)
+        result["final_eval"] = record
+        logging.info("Final evaluation, %d held-out prompts (%s):\n%s",
+                     record["details"]["num_prompts"], config.final_eval.prompts, table(record))
     return result
 
