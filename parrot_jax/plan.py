@@ -202,20 +202,34 @@ def chip_bytes(tree: Any) -> int:
 
 @dataclasses.dataclass
 class ProgramStats:
-    """One compiled program's memory per chip (bytes) as XLA reports it."""
+    """One compiled program's memory per chip (bytes) as XLA reports it, or why the TPU
+    compiler refused it (``error``: it needs more memory than a chip has)."""
 
     name: str
-    arguments: int
-    outputs: int
-    temporaries: int
-    aliased: int
-    code: int
+    arguments: int = 0
+    outputs: int = 0
+    temporaries: int = 0
+    aliased: int = 0
+    code: int = 0
+    error: str | None = None
 
     @classmethod
     def of(cls, name: str, compiled: Any) -> ProgramStats:
         m = compiled.memory_analysis()
         return cls(name, m.argument_size_in_bytes, m.output_size_in_bytes,
                    m.temp_size_in_bytes, m.alias_size_in_bytes, m.generated_code_size_in_bytes)
+
+
+def _compile(name: str, lowered: Any) -> tuple[Any, ProgramStats]:
+    """``(compiled or None, stats)``: the TPU compiler's out-of-memory refusal becomes a
+    finding of the plan; any other failure is raised."""
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # JaxRuntimeError: RESOURCE_EXHAUSTED, "Ran out of memory ..."
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, ProgramStats(name, error=str(e).split("\n")[0])
+    return compiled, ProgramStats.of(name, compiled)
 
 
 def _flops(fn: Any, *args: Any) -> float:
@@ -243,7 +257,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return max(self.peaks.values()) <= self.hbm
+        return (not any(s.error for s in self.programs)
+                and max(self.peaks.values()) <= self.hbm)
 
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
@@ -290,7 +305,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
     rollout_args = (m.unet, m.text_encoder, m.vae, sizes.group_size, m.latent_shape,
                     config.sample.eta, m.scaling_factor, data, unet_params, text_params,
                     vae_params, schedule, guidance, cond_ids, null_ids, key)
-    rollout = loop._rollout_and_decode.lower(*rollout_args).compile()
+    rollout, r = _compile("rollout+decode", loop._rollout_and_decode.lower(*rollout_args))
     rollout_out = jax.eval_shape(loop._rollout_and_decode, *rollout_args)
     _, traj, contexts = rollout_out
 
@@ -307,27 +322,30 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
         contexts=jax.ShapeDtypeStruct((mb, *contexts.shape[1:]), contexts.dtype, sharding=data),
         advantages=jax.ShapeDtypeStruct((mb,), jnp.float32, sharding=data),
         selected=jax.ShapeDtypeStruct((mb,), jnp.bool_, sharding=data))
-    train = train_step.lower(state, batch, key).compile()
+    _, t = _compile("t2i_train_step", train_step.lower(state, batch, key))
 
     # The PEN expansion of G templated prompts.
     ids = jax.ShapeDtypeStruct((sizes.groups, config.data.max_prompt_length), jnp.int32,
                                sharding=rep)
-    expand = loop._expand.lower(m.pen, sampling, pen_params, lora, ids, ids, key).compile()
-
-    programs = [ProgramStats.of("rollout+decode", rollout), ProgramStats.of("t2i_train_step",
-                                                                              train),
-                ProgramStats.of("pen_expand", expand)]
-    # The trajectory, contexts and images of the iteration, placed as the rollout leaves them.
-    held = _abstract(rollout_out, rollout.output_shardings)
+    _, p = _compile("pen_expand", loop._expand.lower(m.pen, sampling, pen_params, lora, ids,
+                                                      ids, key))
+    programs = [r, t, p]
+    # The trajectory, contexts and images of the iteration, placed as the rollout leaves them
+    # (as the rollout is asked to leave them when it could not be compiled).
+    held = _abstract(rollout_out, rollout.output_shardings if rollout is not None else
+                     jax.tree.map(lambda x: data if x.ndim and x.shape[0] == sizes.batch
+                                  else rep, rollout_out))
     rollout_resident_args = chip_bytes((unet_params, text_params, vae_params))
-    r, t, p = programs
-    peaks = {
-        "rollout": resident_total + max(0, r.arguments - rollout_resident_args) + r.outputs
-        + r.temporaries,
-        "t2i_update": resident_total + chip_bytes(held) + max(0, t.arguments - chip_bytes(state))
-        + t.temporaries + max(0, t.outputs - t.aliased),
-        "pen_expand": resident_total + p.outputs + p.temporaries,
-    }
+    peaks = {}
+    if not r.error:
+        peaks["rollout"] = (resident_total + max(0, r.arguments - rollout_resident_args)
+                            + r.outputs + r.temporaries)
+    if not t.error:
+        peaks["t2i_update"] = (resident_total + chip_bytes(held)
+                               + max(0, t.arguments - chip_bytes(state)) + t.temporaries
+                               + max(0, t.outputs - t.aliased))
+    if not p.error:
+        peaks["pen_expand"] = resident_total + p.outputs + p.temporaries
 
     # FLOPs per iteration, from single steps (global, all chips).
     b, steps = sizes.batch, config.sample.num_steps
@@ -366,9 +384,12 @@ def report(p: Plan) -> str:
     lines += ["", f"  {'program':<22}{'arguments':>13}{'outputs':>13}{'temporaries':>13}"
               f"{'aliased':>13}"]
     lines += [f"  {s.name:<22}{g(s.arguments):>13}{g(s.outputs):>13}{g(s.temporaries):>13}"
-              f"{g(s.aliased):>13}" for s in p.programs]
+              f"{g(s.aliased):>13}" if not s.error else f"  {s.name:<22}NOT COMPILED: {s.error}"
+              for s in p.programs]
     lines += ["", "estimated peak per chip:"]
     lines += [f"  {k:<24}{g(v)}  ({100 * v / p.hbm:.0f}% of HBM)" for k, v in p.peaks.items()]
+    lines += [f"  {s.name:<24}more than the chip has (see above)" for s in p.programs
+              if s.error]
     total = sum(p.flops.values())
     lines += ["", "FLOPs per iteration (all chips):"]
     lines += [f"  {k:<24}{v:12.4g}" for k, v in p.flops.items()]

@@ -108,3 +108,24 @@ def test_sd15_architecture_counts():
                           jax.random.key(0))
     assert _count(ours) == 247_577_856
     assert "lm_head" in ours
+
+
+def test_compiler_out_of_memory_is_a_finding_not_a_crash():
+    """The TPU compiler refuses programs whose temporaries exceed HBM (SD 1.5 at the paper's
+    minibatch on v5e does): the plan records it and does not fit; other errors propagate."""
+
+    class Lowered:
+        def __init__(self, message):
+            self.message = message
+
+        def compile(self):
+            raise RuntimeError(self.message)
+
+    compiled, stats = plan._compile("t2i_train_step", Lowered(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (19.36G) exceeds available HBM (15.75G).\nmore detail"))
+    assert compiled is None and stats.error.endswith("exceeds available HBM (15.75G).")
+    p = plan.Plan(8, "TPU v5 lite", 16 * plan.GIB, {"t2i_state": 1}, [stats], {}, {"x": 1.0})
+    assert not p.fits and "NOT COMPILED: RESOURCE_EXHAUSTED" in plan.report(p)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        plan._compile("rollout", Lowered("INVALID_ARGUMENT: something else"))

@@ -7,7 +7,8 @@ code, paired noise), every reward scores them, and, with ``final_eval.oracle``, 
 pixel oracle measures them too. Writes ``workdir/final_eval.json``::
 
     {"base": {<reward>: mean, ..., "hypervolume": hv, "oracle/<metric>": mean, ...},
-     "trained": {...}, "details": {stds, the hypervolume reference, prompts, settings}}
+     "trained": {...}, "details": {stds, the hypervolume reference, prompts, settings,
+                                   every image's reward vector}}
 
 and returns it; ``table`` renders it for the console.
 """
@@ -28,8 +29,10 @@ from parrot_jax.expansion import parse_identifiers
 FINAL_EVAL_FILE = "final_eval.json"
 
 
-def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Score the untrained and the latest checkpoint's models (module docstring)."""
+def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                     filename: str = FINAL_EVAL_FILE) -> dict[str, Any]:
+    """Score the untrained and the latest checkpoint's models (module docstring); the record
+    goes to ``workdir/filename``."""
     from parrot_jax import evaluate
     from parrot_jax.sample import load_runs
 
@@ -70,8 +73,11 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> 
         "num_prompts": len(prompts), "num_images": fe.num_images, "seed": fe.seed,
         "identifiers": [i + 1 for i in ids], "guidance": {"w1": fe.w1, "w2": fe.w2},
         "trained_step": trained.step,
+        # Every image's reward vector (rows prompt-major): fronts can be compared across runs.
+        "values": {label: np.round(np.asarray(v, np.float64), 6).tolist()
+                   for label, v in values.items()},
     }
-    (Path(workdir) / FINAL_EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (Path(workdir) / filename).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
