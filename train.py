@@ -1,7 +1,9 @@
 """Parrot training: ``python train.py [--config configs/X.py[:arg]] [--workdir DIR]``.
 
-Until the toy world exists (issue 9) the default config is ``configs/tiny.py``: tiny random
-models, nothing downloaded, a few minutes on a CPU. ``--config.a.b=value`` overrides a field.
+The default config is ``configs/toy.py``: Parrot in the toy world shipped with the package
+(its own small UNet, VAE, CLIP, PEN and reward heads), nothing downloaded, minutes on a CPU,
+ending with a base-vs-trained table on held-out prompts. ``--config.a.b=value`` overrides a
+field.
 Resuming is automatic: rerun with the same ``--workdir``. Multi-host (every worker of a TPU pod
 slice): set ``--config.distributed=True``.
 """
@@ -18,9 +20,9 @@ from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "configs" / "tiny.py"),
-    "ml_collections config file with get_config(arg), as path[:arg]. Default: configs/tiny.py "
-    "(tiny random models; the toy world of issue 9 will replace it).", lock_config=True)
+    "config", str(ROOT / "configs" / "toy.py"),
+    "ml_collections config file with get_config(arg), as path[:arg]. Default: configs/toy.py "
+    "(the toy world).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "where config.json, metrics.jsonl and checkpoints go; reusing one resumes "
     "it. Default: a fresh folder runs/<date-time>.")

@@ -3,8 +3,8 @@
 The UNet, VAE, CLIP text encoder, reward CLIP, aesthetic MLP and T5 PEN are built in memory from
 fixed seeds; a CLIP-style word-level tokenizer and a T5-style BPE are built offline from the
 prompts (and saved in the workdir, so a resumed run reads the same vocabulary). The images mean
-nothing, but the shapes, the sharding, the checkpoints and the metrics are those of a real run.
-Until the toy world exists (issue 9) this is ``train.py``'s default config.
+nothing, but the shapes, the sharding, the checkpoints and the metrics are those of a real run
+(``configs/toy.py``, ``train.py``'s default, is the toy world with trained models).
 
 Variants (``--config configs/tiny.py:ARG``):
   (none)        a few minutes on a laptop CPU.
@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tokenizer, scheduler subfolders), or 'tiny': random models of model.tiny's shapes
     c.model.pen = "tiny"  # PEN: T5 folder / hub id (SFT'd), or 'tiny': a random T5
     c.model.pen_tokenizer = ""  # tokenizer folder / hub id of the PEN; '' = model.pen
-    c.model.rewards = "tiny"  # 'tiny': random CLIP reward heads; 'parrot': the paper's four
+    c.model.rewards = "tiny"  # 'tiny': random CLIP reward heads; 'parrot': the paper's four;
+    # 'toy': the toy world's trained heads ('toy:<assets folder>' for another build)
     c.model.dtype = "float32"  # activation dtype of every model (params stay float32)
     c.model.tiny = ml_collections.ConfigDict()  # shapes of the random models ('tiny' above)
     c.model.tiny.unet = ml_collections.ConfigDict(dict(  # diffusers UNet2DConditionModel kwargs

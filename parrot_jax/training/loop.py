@@ -107,6 +107,7 @@ KNOWN_FIELDS = (
     "final_eval.",
 )
 PARAM_RULES = {"replicate": parallel.REPLICATE_ALL, "fsdp": parallel.FSDP_ALL}
+PROGRESS_WIDTH = 20  # characters of the progress bar in each logged line
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -671,10 +672,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                     result.update(record)
                     eta = ((config.num_iterations - step) * extra["perf/iteration_seconds"]
                            if timer[1] else math.nan)
-                    logging.info("iteration %d/%d: %s; ETA %.0f s", step, config.num_iterations,
+                    done = round(PROGRESS_WIDTH * step / config.num_iterations)
+                    logging.info("[%s] iteration %d/%d, ETA %.0f s: %s",
+                                 "#" * done + "." * (PROGRESS_WIDTH - done), step,
+                                 config.num_iterations, eta,
                                  ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                            if k.startswith(("reward/", "t2i/loss", "pen/loss",
-                                                            "perf/samples"))), eta)
+                                                            "perf/samples")) and "/std" not in k))
                 if step % config.eval_every == 0:
                     write_pictures(run, state, step, rewards, selected, workdir, tensorboard)
                 stop = preemption.requested or manager.reached_preemption(step)

@@ -316,7 +316,14 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
                                 sharding)
     elif m.rewards == "parrot":
         rewards = build_parrot_rewards(ParrotRewardsConfig(dtype=m.dtype), sharding=sharding)
+    elif m.rewards == "toy" or m.rewards.startswith("toy:"):
+        from parrot_jax.toyworld import assets
+
+        root = m.rewards[4:] or assets.ASSETS
+        rewards = _loading("model.rewards", m.rewards, assets.load_rewards, root,
+                           sharding=sharding, dtype=m.dtype)
     else:
-        raise ValueError(f"config.model.rewards={m.rewards!r}; 'tiny' or 'parrot'")
+        raise ValueError(f"config.model.rewards={m.rewards!r}; 'tiny', 'parrot', 'toy' (the "
+                         "shipped toy world) or 'toy:<assets folder>'")
     return ParrotModels(clip_tokenizer=clip_tokenizer, pen=pen, pen_params=pen_params,
                         pen_tokenizer=pen_tokenizer, rewards=rewards, **t2i)

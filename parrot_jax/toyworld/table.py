@@ -1,0 +1,250 @@
+"""The paper's comparison in the toy world: ``python -m parrot_jax.toyworld.table``.
+
+Trains, under one budget (``--iterations``) and for each of ``--seeds``, every method below with
+``configs/toy.py``, then scores each on the held-out prompts exactly as ``train.py`` ends a run
+(``final_eval.json``: paired noise, all identifiers, prompt-centred guidance):
+
+- ``base``: the untrained models (read from the Parrot runs' own base evaluations);
+- ``weighted_sum``: a scalarised reward with equal weights, no Pareto selection (DPOK-style);
+- ``weighted_sum_0.7``: weights (0.7, 0.1, 0.1, 0.1);
+- ``single``: aesthetics alone;
+- ``t2i_only`` / ``pen_only``: Parrot with the PEN / the T2I model frozen;
+- ``parrot_no_pcg``: the Parrot runs scored with plain guidance on the identified expansion
+  (``w1 = 0``: no original-prompt-centred term);
+- ``parrot``: the method.
+
+Writes ``--out/table.md`` (mean ± std over seeds of every reward, the hypervolume and the pixel
+oracle metrics), ``table.json``, ``table.png`` (``bar_chart``: each method's change from base
+per reward) and ``identifiers.md`` (the Parrot runs scored with each identifier alone).
+Hypervolumes here are all measured from ONE reference (each reward's minimum over every image
+of every run), so they compare across methods. Runs are kept under ``--out/runs``; rerunning
+skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+# method -> (configs/toy.py variant, config overrides)
+TRAINED = {
+    "weighted_sum": ("weighted_sum", {}),
+    "weighted_sum_0.7": ("weighted_sum", {"advantage.weights": (0.7, 0.1, 0.1, 0.1)}),
+    "single": ("single", {"advantage.reward_index": 0}),
+    "t2i_only": ("t2i_only", {}),
+    "pen_only": ("pen_only", {}),
+    "parrot": ("", {}),
+}
+METHODS = ("base", "weighted_sum", "weighted_sum_0.7", "single", "t2i_only", "pen_only",
+           "parrot_no_pcg", "parrot")
+NO_PCG_FILE = "final_eval_no_pcg.json"
+
+
+def toy_config(variant: str) -> Any:
+    spec = importlib.util.spec_from_file_location("toy_config", ROOT / "configs" / "toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
+def _set(config: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    for p in parents:
+        target = target[p]
+    target[leaf] = value
+
+
+def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
+    """Train ``method`` with ``seed`` (unless done) -> its workdir (with final_eval.json)."""
+    from parrot_jax.training import train_and_evaluate
+
+    workdir = out / "runs" / f"{method}_seed{seed}"
+    if (workdir / "final_eval.json").is_file():
+        return workdir
+    variant, overrides = TRAINED[method]
+    config = toy_config(variant)
+    config.seed = seed
+    config.final_eval.seed = seed
+    config.num_iterations = iterations
+    for key, value in overrides.items():
+        _set(config, key, value)
+    print(f"[table] {method}, seed {seed}: {iterations} iterations -> {workdir}",
+          file=sys.stderr, flush=True)
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def no_pcg_evaluation(workdir: Path) -> dict[str, Any]:
+    """The Parrot run of ``workdir`` scored with ``w1 = 0`` (plain guidance on the expansion)."""
+    from parrot_jax.sample import read_config
+    from parrot_jax.training.final_eval import final_evaluation
+
+    path = workdir / NO_PCG_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = read_config(workdir)
+    config.final_eval.w1 = 0.0
+    record = final_evaluation(config, workdir, filename=NO_PCG_FILE)
+    return record
+
+
+def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
+                     seed: int) -> np.ndarray:
+    """Mean rewards ``[K, K]`` of the trained Parrot run with identifier k alone (row k)."""
+    from parrot_jax import evaluate
+    from parrot_jax.sample import load_runs
+
+    (loaded,) = load_runs(workdir)
+    try:
+        rows = []
+        for k in range(len(loaded.models.rewards.names)):
+            values = evaluate.score(loaded, prompts, identifiers=[k], w1=5.0, w2=5.0,
+                                    expand_prompt=True, greedy=True, num_images=num_images,
+                                    seed=seed, batch_prompts=8)
+            rows.append(values.mean(axis=0))
+    finally:
+        loaded.models.rewards.close()
+    return np.stack(rows)
+
+
+def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
+                        ) -> tuple[dict[str, list[float]], list[float]]:
+    """Per method and seed, the hypervolume of its images' reward vectors from one reference:
+    each reward's minimum over every image of every record."""
+    from parrot_jax.training.metrics import front_hypervolume
+
+    def points(method: str, record: dict) -> np.ndarray:
+        label = "base" if method == "base" else "trained"
+        return np.asarray(record["details"]["values"][label], np.float64)
+
+    every = [points(m, r) for m, rs in records.items() for r in rs]
+    reference = np.min(np.concatenate(every), axis=0)
+    return ({m: [front_hypervolume(points(m, r), reference) for r in rs]
+             for m, rs in records.items()}, reference.tolist())
+
+
+def summarise(records: dict[str, list[dict]], names: Sequence[str]) -> dict[str, Any]:
+    """``{method: {metric: (mean, std over seeds)}}`` for every reward, the shared-reference
+    hypervolume and the oracle metrics."""
+    volumes, reference = shared_hypervolumes(records, names)
+    table: dict[str, Any] = {}
+    for method, rs in records.items():
+        label = "base" if method == "base" else "trained"
+        keys = list(names) + sorted(k for k in rs[0][label] if k.startswith("oracle/"))
+        row = {k: [r[label][k] for r in rs] for k in keys}
+        row["hypervolume"] = volumes[method]
+        table[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in row.items()}
+    return {"methods": table, "hypervolume_reference": reference}
+
+
+def markdown(summary: dict[str, Any], seeds: Sequence[int], iterations: int) -> str:
+    methods = summary["methods"]
+    keys = list(next(iter(methods.values())))
+    lines = [f"Held-out prompts; mean ± std over seeds {list(seeds)}; {iterations} Parrot "
+             "iterations per trained method; hypervolume from one shared reference.", "",
+             "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for method, row in methods.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[k][0]:.4g} ± {row[k][1]:.2g}"
+                                                    for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: dict[str, Any], names: Sequence[str]) -> np.ndarray:
+    """``uint8 [H, W, 3]``: per reward (and the hypervolume) one group of bars, a bar per
+    method: its mean change from base, divided by the largest absolute change in the group
+    (so each group spans the panel; signs and ranks are what the chart shows)."""
+    from PIL import Image, ImageDraw
+
+    methods = summary["methods"]
+    keys = list(names) + ["hypervolume"]
+    palette = [(120, 120, 120), (70, 130, 180), (100, 170, 220), (150, 100, 200),
+               (60, 160, 90), (230, 160, 40), (200, 90, 90), (200, 30, 30)]
+    bar, gap, height, top = 10, 24, 160, 30
+    width = len(keys) * (len(methods) * bar + gap) + gap + 150
+    image = Image.new("RGB", (width, height + top + 40), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    mid = top + height // 2
+    draw.line([(gap // 2, mid), (width - 150, mid)], fill=(0, 0, 0))
+    base = methods["base"]
+    for g, key in enumerate(keys):
+        changes = [methods[m][key][0] - base[key][0] for m in methods]
+        scale = max(max(abs(c) for c in changes), 1e-12)
+        x0 = gap + g * (len(methods) * bar + gap)
+        for i, change in enumerate(changes):
+            h = int(round(change / scale * (height // 2 - 4)))
+            x = x0 + i * bar
+            draw.rectangle([x, min(mid, mid - h), x + bar - 2, max(mid, mid - h)],
+                           fill=palette[i % len(palette)])
+        draw.text((x0, top + height + 8), key[:14], fill=(0, 0, 0))
+    for i, method in enumerate(methods):
+        y = top + i * 14
+        draw.rectangle([width - 140, y, width - 130, y + 10], fill=palette[i % len(palette)])
+        draw.text((width - 125, y - 1), method, fill=(0, 0, 0))
+    draw.text((gap, 8), "change from base (each group scaled to its largest change)",
+              fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from parrot_jax.toyworld import assets
+    from parrot_jax.training.visualize import png_bytes
+
+    parser = argparse.ArgumentParser(prog="python -m parrot_jax.toyworld.table",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/toy_table", help="output folder (resumable)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--iterations", type=int, default=30, help="Parrot iterations per run")
+    parser.add_argument("--identifier-images", type=int, default=8,
+                        help="images per held-out prompt in the identifier study")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: comma-separated integers")
+    if args.iterations <= 0:
+        parser.error("--iterations must be positive")
+    out = Path(args.out)
+    records: dict[str, list[dict]] = {m: [] for m in METHODS}
+    studies = []
+    heldout = assets.read_prompt_file(assets.ASSETS, assets.HELDOUT)
+    for seed in seeds:
+        for method in TRAINED:
+            workdir = run_method(method, seed, args.iterations, out)
+            record = json.loads((workdir / "final_eval.json").read_text())
+            records[method].append(record)
+            if method == "parrot":
+                records["base"].append(record)
+                records["parrot_no_pcg"].append(no_pcg_evaluation(workdir))
+                studies.append(identifier_study(workdir, heldout, args.identifier_images,
+                                                seed))
+    names = records["parrot"][0]["details"]["rewards"]
+    summary = summarise(records, names)
+    study = np.stack(studies)
+    summary["identifiers"] = {"mean": study.mean(axis=0).tolist(),
+                              "std": study.std(axis=0).tolist(), "rewards": names}
+    summary.update(seeds=seeds, iterations=args.iterations)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(markdown(summary, seeds, args.iterations))
+    (out / "table.png").write_bytes(png_bytes(bar_chart(summary, names)))
+    lines = ["| identifier alone | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in range(len(names)):
+        lines.append(f"| <reward {k + 1}> | " + " | ".join(
+            f"{study[:, k, j].mean():.4g} ± {study[:, k, j].std():.2g}"
+            for j in range(len(names))) + " |")
+    (out / "identifiers.md").write_text("\n".join(lines) + "\n")
+    print((out / "table.md").read_text() + "\n" + (out / "identifiers.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The comparison table's arithmetic on synthetic final_eval records: one shared hypervolume
+reference across methods, mean ± std over seeds, the markdown and the chart."""
+
+import numpy as np
+import pytest
+
+from parrot_jax.rl.pareto import hypervolume
+from parrot_jax.toyworld import table
+
+NAMES = ["a", "b"]
+
+
+def _record(base_points, trained_points, oracle=0.5):
+    def stats(points):
+        points = np.asarray(points, float)
+        out = {n: float(points[:, k].mean()) for k, n in enumerate(NAMES)}
+        out["hypervolume"] = -1.0  # per-run value; the table must not use it
+        out["oracle/contrast"] = oracle
+        return out
+
+    return {"base": stats(base_points), "trained": stats(trained_points),
+            "details": {"rewards": NAMES, "values": {"base": base_points,
+                                                     "trained": trained_points}}}
+
+
+def test_summary_uses_one_reference_for_every_method():
+    base = [[0.0, 0.0], [1.0, 1.0]]
+    good = [[2.0, 1.0], [1.0, 2.0]]
+    bad = [[1.0, 0.5], [0.5, 1.0]]
+    records = {"base": [_record(base, base), _record(base, base)],
+               "parrot": [_record(base, good, 0.7), _record(base, good, 0.9)],
+               "weighted_sum": [_record(base, bad), _record(base, [[0.5, 0.5], [0.5, 0.5]])]}
+    summary = table.summarise(records, NAMES)
+    assert summary["hypervolume_reference"] == [0.0, 0.0]  # the minimum over every image
+    m = summary["methods"]
+    # Parrot's front {(2,1),(1,2)} from (0,0): 2 + 2 - 1 = 3, exactly, in both seeds.
+    assert m["parrot"]["hypervolume"] == pytest.approx((3.0, 0.0))
+    assert m["base"]["hypervolume"] == pytest.approx((1.0, 0.0))
+    ws = [hypervolume(np.array(bad), np.zeros(2)), 0.25]
+    assert m["weighted_sum"]["hypervolume"] == pytest.approx((np.mean(ws), np.std(ws)))
+    assert m["parrot"]["oracle/contrast"] == pytest.approx((0.8, 0.1))
+    assert m["parrot"]["a"] == pytest.approx((1.5, 0.0))
+    text = table.markdown(summary, [0, 1], 5)
+    assert "| parrot | 1.5 ± 0 | 1.5 ± 0 | 0.8 ± 0.1 | 3 ± 0 |" in text
+    chart = table.bar_chart(summary, NAMES)
+    assert chart.dtype == np.uint8 and chart.ndim == 3 and chart.shape[2] == 3
+
+
+def test_methods_cover_the_papers_comparison():
+    assert set(table.TRAINED) | {"base", "parrot_no_pcg"} == set(table.METHODS)
+    config = table.toy_config("weighted_sum")
+    assert config.advantage.mode == "weighted_sum"
+    table._set(config, "advantage.weights", (0.7, 0.1, 0.1, 0.1))
+    assert tuple(config.advantage.weights) == (0.7, 0.1, 0.1, 0.1)
