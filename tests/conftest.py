@@ -75,6 +75,16 @@ def tiny_vae(tmp_path_factory):
     return _saved(tmp_path_factory, "vae", "AutoencoderKL", TINY_VAE)
 
 
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Unoptimised XLA for one test module (tiny models: compiling dominates the run time).
+    Use with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``; restored after it."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def nchw(x: np.ndarray):
     import torch
 

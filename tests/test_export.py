@@ -93,13 +93,7 @@ SAVERS = {"sd2": (export.save_unet, hub.load_unet), "unet": (export.save_unet, h
           "flan": (export.save_t5, hub.load_t5)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Tiny models: XLA's optimisations cost more compile time than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest: unoptimised XLA
 
 
 @pytest.fixture(scope="module")

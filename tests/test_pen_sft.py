@@ -56,14 +56,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in (workdir / pen_sft.METRICS_FILE).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Unoptimised XLA for this module only (compiles ~3x faster; tiny models run fast anyway).
-    Every run here has the same shapes and settings, so the jitted step compiles once."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest: unoptimised XLA
 
 
 def restored_heldout_loss(config, workdir, step=None):

@@ -39,13 +39,7 @@ UNET_CFG = UNetTrainConfig(steps=20, batch_size=8, learning_rate=3e-3, warmup_st
                            encode_batch_size=32)  # VAE calls on 32 images, as VAE_CFG's
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA without most optimisations: these tests compile far more than they compute."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest: unoptimised XLA
 
 
 def leaves(tree):

@@ -29,13 +29,7 @@ TINY_PEN = pen_train.PenTrainConfig(
     eval_prompts=8, log_every=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Unoptimised XLA for this module (tiny models: compiling dominates)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest: unoptimised XLA
 
 
 @pytest.fixture(scope="module")
