@@ -14,7 +14,6 @@ and the phases' sum over the plain iteration (the cost of blocking between phase
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
@@ -25,23 +24,17 @@ import jax
 import jax.numpy as jnp
 from common import environment_lines, pin_threads
 
+from parrot_jax import config_files
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("pen_expand", "rollout", "vae_decode", "rewards", "advantages", "t2i_update",
           "pen_update")
 
 
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def run_size(spec: str, groups: int, per_group: int, iters: int) -> dict[str, float]:
     from parrot_jax.training import loop
 
-    config = load_config(spec)
+    config = config_files.load(ROOT / spec)
     config.num_groups, config.images_per_group = groups, per_group
     config.eval_prompts = tuple(config.eval_prompts[:groups])
     config.num_iterations = config.eval_every = config.checkpoint_every = 10 ** 6

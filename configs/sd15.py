@@ -16,22 +16,15 @@ Variants: the same presets as ``configs/tiny.py`` (``weighted_sum``, ``single``,
 ``pen_only``, ``no_pareto``), comma-separated.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-
-def _tiny():
-    spec = importlib.util.spec_from_file_location("parrot_tiny_config",
-                                                  Path(__file__).with_name("tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from parrot_jax import config_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = _tiny()
+    tiny = config_files.load_module(Path(__file__).with_name("tiny.py"))
     parts = [p for p in (arg or "").split(",") if p]
     unknown = [p for p in parts if p not in tiny.PRESETS]
     if unknown:

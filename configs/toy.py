@@ -15,24 +15,16 @@ iterations, 2 groups x 8 images, 4 DDIM steps) and the paper's comparisons of
 Batch sizes are GLOBAL.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from parrot_jax import config_files
 from parrot_jax.toyworld import assets
 
 
-def _tiny():
-    spec = importlib.util.spec_from_file_location("parrot_tiny_config",
-                                                  Path(__file__).with_name("tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = _tiny()
+    tiny = config_files.load_module(Path(__file__).with_name("tiny.py"))
     parts = [p for p in (arg or "").split(",") if p]
     unknown = [p for p in parts if p not in tiny.PRESETS + tiny.SIZES]
     if unknown:

@@ -93,6 +93,11 @@ class Sentiment(Reward):
                   name: str = "sentiment") -> Sentiment:
         """A safetensors file holding exactly ``weight [3, P]`` (rows: positive, neutral,
         negative) and ``bias [3]``, applied to the L2-normalised projected image embedding."""
+        return cls(backbone, cls.read_probe(path, backbone.projection_dim, backbone.name), name)
+
+    @staticmethod
+    def read_probe(path: str | os.PathLike, dim: int, backbone: str) -> dict[str, jax.Array]:
+        """``from_file``'s reading and checking: ``{"weight": [3, dim], "bias": [3]}``."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -105,13 +110,11 @@ class Sentiment(Reward):
         if set(tensors) != {"weight", "bias"}:
             raise CheckpointError(f"{path}: keys {sorted(tensors)}, expected exactly "
                                   "['bias', 'weight']")
-        dim = backbone.projection_dim
         for key, shape in (("weight", (3, dim)), ("bias", (3,))):
             if tensors[key].shape != shape:
                 raise CheckpointError(f"{path}: {key} has shape {tensors[key].shape}, expected "
-                                      f"{shape} (backbone {backbone.name!r} embeds in {dim}-d)")
-        params = {k: jnp.asarray(v, jnp.float32) for k, v in tensors.items()}
-        return cls(backbone, params, name)
+                                      f"{shape} (backbone {backbone!r} embeds in {dim}-d)")
+        return {k: jnp.asarray(v, jnp.float32) for k, v in tensors.items()}
 
     @classmethod
     def zero_shot(cls, backbone: ClipBackbone, *, name: str = "sentiment",

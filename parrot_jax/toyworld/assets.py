@@ -107,17 +107,10 @@ def load_rewards(root: str | Path = ASSETS, *, sharding: Any = None,
     tokenizer = hub.load_tokenizer(folder / "clip")
     path = folder / "aesthetic.safetensors"
     aesthetic = mlp_from_state_dict(load_file(str(path)), str(path), dims=None)
-    probe = Sentiment.from_file(folder / "sentiment.safetensors", _Dim(clip)).params
+    probe = Sentiment.read_probe(folder / "sentiment.safetensors", clip.config.projection_dim,
+                                 "toy_clip")
     return build_reward_set(clip, params, tokenizer, aesthetic=aesthetic, sentiment=probe,
                             pickscore_params=pick, sharding=sharding)
-
-
-class _Dim:
-    """What ``Sentiment.from_file`` reads of a backbone to check the probe's width."""
-
-    def __init__(self, clip: Any):
-        self.projection_dim = clip.config.projection_dim
-        self.name = "toy_clip"
 
 
 def read_prompt_file(root: str | Path, name: str) -> list[str]:

@@ -24,7 +24,6 @@ skips finished ones.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -49,10 +48,9 @@ NO_PCG_FILE = "final_eval_no_pcg.json"
 
 
 def toy_config(variant: str) -> Any:
-    spec = importlib.util.spec_from_file_location("toy_config", ROOT / "configs" / "toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant or None)
+    from parrot_jax import config_files
+
+    return config_files.load_module(ROOT / "configs" / "toy.py").get_config(variant or None)
 
 
 def _set(config: Any, dotted: str, value: Any) -> None:
@@ -119,17 +117,16 @@ def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
 def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
                         ) -> tuple[dict[str, list[float]], list[float]]:
     """Per method and seed, the hypervolume of its images' reward vectors from one reference:
-    each reward's minimum over every image of every record."""
-    from parrot_jax.training.metrics import front_hypervolume
+    each reward's minimum over every image of every record (``evaluate.with_hypervolumes``
+    over all of them at once)."""
+    from parrot_jax.evaluate import with_hypervolumes
 
-    def points(method: str, record: dict) -> np.ndarray:
-        label = "base" if method == "base" else "trained"
-        return np.asarray(record["details"]["values"][label], np.float64)
-
-    every = [points(m, r) for m, rs in records.items() for r in rs]
-    reference = np.min(np.concatenate(every), axis=0)
-    return ({m: [front_hypervolume(points(m, r), reference) for r in rs]
-             for m, rs in records.items()}, reference.tolist())
+    values = {(m, i): np.asarray(r["details"]["values"]["base" if m == "base" else "trained"],
+                                 np.float64)
+              for m, rs in records.items() for i, r in enumerate(rs)}
+    results, reference = with_hypervolumes(values, names)
+    return ({m: [results[(m, i)]["hypervolume"] for i in range(len(rs))]
+             for m, rs in records.items()}, reference)
 
 
 def summarise(records: dict[str, list[dict]], names: Sequence[str]) -> dict[str, Any]:
