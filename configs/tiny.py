@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pen.top_k = 0  # top-k filter; 0 = off
     c.pen.top_p = 1.0  # nucleus mass; 1 = off
     c.pen.rl_preset = "paper"  # PENRLConfig preset: 'paper' (plain) or 'regularised'
+    # (batch-mean baseline over groups + KL 0.05 to the SFT model; not in the paper)
+    c.pen.advantage = "raw"  # each group's weight: 'raw' = mean selected r_k (the paper), or
+    # 'normalized' = the same after z-scoring each reward over the batch (rl.group_advantages)
     c.pen.learning_rate = 3e-4  # AdamW rate of the PEN's LoRA factors
     c.pen.lora_rank = 4  # PEN LoRA rank
     c.pen.lora_alpha = 4.0  # PEN LoRA scale numerator

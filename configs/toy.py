@@ -46,12 +46,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.num_steps = 20  # DDIM steps
     c.sample.guidance_scale = 5.0  # CFG weight during training rollouts
     c.pen.max_new_tokens = 24  # expansion tokens incl. EOS
-    c.pen.learning_rate = 1e-3  # AdamW rate of the PEN's LoRA
+    c.pen.rl_preset = "regularised"  # batch-mean baseline over groups + KL 0.05 to the SFT PEN
+    c.pen.advantage = "normalized"  # rewards z-scored over the batch before the group means:
+    # the toy preference logit (~15) would otherwise outweigh sentiment (~0.3) 50-fold
+    c.pen.learning_rate = 3e-3  # AdamW rate of the PEN's LoRA (one step per iteration)
     c.pen.lora_rank = 4  # PEN LoRA rank
     c.pen.lora_alpha = 4.0  # PEN LoRA scale numerator
     c.t2i.learning_rate = 3e-4  # cross-attention AdamW rate (the small model moves slowly at 1e-5)
     c.t2i.clip_range = 1e-4  # PPO ratio clip (paper)
     c.t2i.scan_unroll = 1  # trained timesteps per scan iteration
+    c.t2i.timestep_fraction = 0.5  # half of each sample's 20 steps per update: half the cost
+    if c.advantage.mode == "paper":  # Parrot itself (not a weighted_sum / single variant):
+        c.advantage.mode = "normalized"  # METHOD.md §4.6 (b): r_k z-scored within the group,
+        # then the dominated samples zeroed; Eq. 4's raw r_k only ever pushes samples up
     c.checkpoint_every = 10  # iterations between checkpoints
     c.eval_every = 10  # iterations between image grids and Pareto plots
     c.eval_prompts = ("a blue square", "a green triangle on a white background")  # grid rows

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from parrot_jax.parallel import make_mesh
-from parrot_jax.rl.advantages import AdvantageConfig, compute_advantages
+from parrot_jax.rl.advantages import AdvantageConfig, compute_advantages, group_advantages
 from parrot_jax.rl.stat_tracker import init_stat_tracker, update_and_lookup
 
 # One group of 4 samples, K = 2 rewards, identifier k = 1 (the second column).
@@ -90,6 +90,40 @@ def test_nan_rows_are_excluded():
     rewards[0, 1] = np.nan  # a NaN in the non-dominated row: never selected, never dominating
     _, adv, _ = _adv(AdvantageConfig(mode="paper"), rewards)
     np.testing.assert_array_equal(adv.selected, [False, True, False, True])
+
+
+def test_group_advantages_raw_and_normalized():
+    """The PEN's per-group weight against a loop over groups: the mean of r_k over the group's
+    selected, valid rows; 'normalized' z-scores each column over the batch's valid rows first."""
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(12, 3)).astype(np.float32) * [1.0, 10.0, 0.1] + [0.0, 15.0, 0.3]
+    rewards[4] = np.nan  # an invalid row: out of every statistic and every mean
+    ids = np.repeat([0, 1, 2], 4)
+    selected = rng.random(12) < 0.6
+    selected[8:12] = False  # a group with nothing selected gets 0
+    config = AdvantageConfig(mode="paper")
+    ok = ~np.isnan(rewards).any(axis=1)
+    z = (rewards - rewards[ok].mean(0)) / (rewards[ok].std(0) + config.eps)
+    for mode, table in (("raw", rewards), ("normalized", z)):
+        want = []
+        for g in range(3):
+            rows = [i for i in range(4 * g, 4 * g + 4) if selected[i] and ok[i]]
+            want.append(np.mean([table[i, ids[i]] for i in rows]) if rows else 0.0)
+        got = group_advantages(rewards, ids, selected, config, group_size=4, mode=mode)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # scale-free: multiplying a reward column by 100 changes raw weights, not normalized ones
+    scaled = rewards * [1.0, 100.0, 1.0]
+    for mode, same in (("raw", False), ("normalized", True)):
+        a = group_advantages(rewards, ids, selected, config, group_size=4, mode=mode)
+        b = group_advantages(scaled, ids, selected, config, group_size=4, mode=mode)
+        assert np.allclose(a, b, rtol=1e-4) == same, mode
+    ws = AdvantageConfig(mode="weighted_sum", weights=(0.5, 0.25, 0.25))
+    got = group_advantages(rewards, None, np.ones(12, bool), ws, group_size=4, mode="normalized")
+    want = [np.mean([z[i] @ [0.5, 0.25, 0.25] for i in range(4 * g, 4 * g + 4) if ok[i]])
+            for g in range(3)]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="PEN advantage mode 'z'"):
+        group_advantages(rewards, ids, selected, config, group_size=4, mode="z")
 
 
 def test_config_errors():

@@ -49,6 +49,9 @@ def test_summary_uses_one_reference_for_every_method():
 def test_methods_cover_the_papers_comparison():
     assert set(table.TRAINED) | {"base", "parrot_no_pcg"} == set(table.METHODS)
     config = table.toy_config("weighted_sum")
-    assert config.advantage.mode == "weighted_sum"
+    assert config.advantage.mode == "weighted_sum"  # the toy world's 'normalized' Parrot
+    assert table.toy_config("single").advantage.mode == "single"  # mode leaves presets alone
+    parrot = table.toy_config("")
+    assert (parrot.advantage.mode, parrot.pen.advantage) == ("normalized", "normalized")
     table._set(config, "advantage.weights", (0.7, 0.1, 0.1, 0.1))
     assert tuple(config.advantage.weights) == (0.7, 0.1, 0.1, 0.1)

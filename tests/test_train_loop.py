@@ -128,6 +128,12 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"advantage\.modes"):
         train_and_evaluate(config, tmp_path / "d")
 
+    config = tiny_config("smoke")
+    config.pen.advantage = "zscore"
+    with pytest.raises(ValueError, match=r"config\.pen\.advantage='zscore'"):
+        train_and_evaluate(config, tmp_path / "e")
+    assert not (tmp_path / "e" / "config.json").exists()
+
 
 def _train_py(workdir, *overrides):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",

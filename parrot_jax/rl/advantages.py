@@ -162,3 +162,33 @@ def compute_advantages(rewards: jax.Array, reward_ids: jax.Array | None,
     if config.adv_clip is not None:
         adv = jnp.clip(adv, -config.adv_clip, config.adv_clip)
     return Advantages(adv, selected, valid), tracker
+
+
+PEN_MODES = ("raw", "normalized")
+
+
+def group_advantages(rewards: jax.Array, reward_ids: jax.Array | None, selected: jax.Array,
+                     config: AdvantageConfig, *, group_size: int,
+                     mode: str = "raw") -> jax.Array:
+    """The PEN's advantage per group ``[G]``: the mean, over the group's ``selected`` samples,
+    of the reward each sample maximises (``scalar_rewards``); 0 for a group with none selected.
+
+    rewards ``[N, K]`` (NaN rows never selected), reward_ids / selected ``[N]``. ``mode``:
+    ``raw`` is the paper's (Algorithm 1 weights ``∇log p_φ`` by ``r_k`` itself); ``normalized``
+    first z-scores each reward column over the batch's valid rows, so that groups maximising
+    rewards on different scales (e.g. a preference logit ~15 and a sentiment probability
+    ~0.3) weigh alike and a group's advantage says how far its selected images stand above the
+    batch, in that reward's own units of spread.
+    """
+    if mode not in PEN_MODES:
+        raise ValueError(f"PEN advantage mode {mode!r}; expected one of {PEN_MODES}")
+    rewards = jnp.asarray(rewards, jnp.float32)
+    valid = valid_rows(rewards)
+    rewards = jnp.where(valid[:, None], rewards, 0.0)
+    if mode == "normalized":
+        mean, std = _masked_mean_std(rewards.T, jnp.broadcast_to(valid, rewards.T.shape))
+        rewards = ((rewards.T - mean) / (std + config.eps)).T
+    value = jnp.where(valid, scalar_rewards(rewards, reward_ids, config), 0.0)
+    chosen = _grouped(selected & valid, group_size)
+    return (jnp.sum(jnp.where(chosen, _grouped(value, group_size), 0.0), axis=1)
+            / jnp.maximum(jnp.sum(chosen, axis=1), 1))

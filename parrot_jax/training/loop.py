@@ -17,7 +17,8 @@ One iteration over G groups x N images (``parrot_iteration``):
    selected (non-dominated, valid) images, of the reward the group maximised (r_{k_g}; the
    scalarised reward for 'weighted_sum' / 'single'). This is Algorithm 1's
    ``∇J_φ += -r_k ∇log p_φ(ĉ|c)`` summed over P, divided by |P| so that groups with large fronts
-   do not dominate.
+   do not dominate; ``config.pen.advantage='normalized'`` z-scores each reward over the batch
+   first (``rl.group_advantages``).
 
 Everything after the prompts' text handling runs on device, with the batch sharded over
 ``('data', 'fsdp')``; metrics are fetched only at log steps (``metrics.jsonl``, and TensorBoard
@@ -71,7 +72,13 @@ from parrot_jax.expansion import (
 )
 from parrot_jax.expansion import sample as pen_sample
 from parrot_jax.models.lora import LoRA, merge
-from parrot_jax.rl import AdvantageConfig, compute_advantages, init_stat_tracker, scalar_rewards
+from parrot_jax.rl import (
+    PEN_MODES,
+    AdvantageConfig,
+    compute_advantages,
+    group_advantages,
+    init_stat_tracker,
+)
 from parrot_jax.training import checkpoint
 from parrot_jax.training.metrics import MetricsWriter, front_hypervolume, parse_reference
 from parrot_jax.training.models import BUILTIN_PROMPTS, ParrotModels, load_models
@@ -96,7 +103,8 @@ KNOWN_FIELDS = (
     "data.max_prompt_length", "num_groups", "images_per_group", "num_minibatches",
     "num_iterations", "sample.num_steps", "sample.guidance_scale", "sample.eta",
     "sample.scheduler.", "pen.train", "pen.max_new_tokens", "pen.temperature", "pen.top_k",
-    "pen.top_p", "pen.rl_preset", "pen.learning_rate", "pen.lora_rank", "pen.lora_alpha",
+    "pen.top_p", "pen.rl_preset", "pen.advantage", "pen.learning_rate", "pen.lora_rank",
+    "pen.lora_alpha",
     "identifiers", "advantage.mode", "advantage.pareto", "advantage.selection",
     "advantage.stats", "advantage.weights", "advantage.reward_index", "advantage.adv_clip",
     "advantage.tracker_capacity", "advantage.tracker_buffer", "advantage.tracker_min_count",
@@ -258,20 +266,18 @@ def _rollout_and_decode(unet: Any, text_encoder: Any, vae: Any, group_size: int,
     return images, traj, contexts
 
 
-@functools.partial(jax.jit, static_argnames=("config", "group_size", "names", "replicated"))
+@functools.partial(jax.jit, static_argnames=("config", "group_size", "names", "replicated",
+                                             "pen_mode"))
 def _advantages(config: AdvantageConfig, group_size: int, names: tuple[str, ...],
-                replicated: NamedSharding, rewards: jax.Array, reward_ids: jax.Array,
-                tracker: Any, prompt_ids: jax.Array):
+                replicated: NamedSharding, pen_mode: str, rewards: jax.Array,
+                reward_ids: jax.Array, tracker: Any, prompt_ids: jax.Array):
     """-> (Advantages, tracker, PEN advantage per group ``[G]``, reward / selection metrics).
     The tracker stays replicated (a stable sharding: the next call reuses this compilation)."""
     adv, tracker = compute_advantages(rewards, reward_ids, config, group_size=group_size,
                                       tracker=tracker, prompt_ids=prompt_ids)
     tracker = jax.lax.with_sharding_constraint(tracker, replicated)
-    value = jnp.where(adv.valid, scalar_rewards(jnp.nan_to_num(rewards), reward_ids, config), 0.0)
-    shape = (rewards.shape[0] // group_size, group_size)
-    chosen = adv.selected.reshape(shape)
-    pen_adv = (jnp.sum(jnp.where(chosen, value.reshape(shape), 0.0), axis=1)
-               / jnp.maximum(jnp.sum(chosen, axis=1), 1))
+    pen_adv = group_advantages(rewards, reward_ids, adv.selected, config,
+                               group_size=group_size, mode=pen_mode)
     ok = adv.valid[:, None]
     count = jnp.maximum(jnp.sum(adv.valid), 1)
     mean = jnp.sum(jnp.where(ok, rewards, 0.0), axis=0) / count
@@ -423,7 +429,7 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
     reward_ids = np.repeat(k_g, sizes.group_size).astype(np.int32)
     adv, tracker, pen_adv, metrics = _advantages(
         run.advantage, sizes.group_size, m.rewards.names, parallel.replicated(run.mesh),
-        rewards, reward_ids,
+        c.pen.advantage, rewards, reward_ids,
         state["tracker"], np.repeat(prompt_ids, sizes.group_size).astype(np.int32))
     mark("advantages", adv, metrics)
     new = {**state, "tracker": tracker, "key": jax.random.key_data(key),
@@ -590,6 +596,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
                          f"{sorted(PARAM_RULES)}")
     if config.identifiers not in ("cycle", "random"):
         raise ValueError(f"config.identifiers={config.identifiers!r}; 'cycle' or 'random'")
+    if config.pen.advantage not in PEN_MODES:
+        raise ValueError(f"config.pen.advantage={config.pen.advantage!r}; one of {PEN_MODES}")
     update, advantage = t2i_update_config(config), advantage_config(config)
     sampling, pen_rl = pen_configs(config)
     checkpoint.check_workdir(config, workdir)
