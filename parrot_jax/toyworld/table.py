@@ -15,7 +15,8 @@ Trains, under one budget (``--iterations``) and for each of ``--seeds``, every m
 
 Writes ``--out/table.md`` (mean ± std over seeds of every reward, the hypervolume and the pixel
 oracle metrics), ``table.json``, ``table.png`` (``bar_chart``: each method's change from base
-per reward) and ``identifiers.md`` (the Parrot runs scored with each identifier alone).
+per reward), ``identifiers.md`` (the Parrot runs scored with each identifier alone) and
+``evidence.md`` (``evidence``: the checks the method should pass, each with its numbers).
 Hypervolumes here are all measured from ONE reference (each reward's minimum over every image
 of every run), so they compare across methods. Runs are kept under ``--out/runs``; rerunning
 skips finished ones.
@@ -45,6 +46,7 @@ TRAINED = {
 METHODS = ("base", "weighted_sum", "weighted_sum_0.7", "single", "t2i_only", "pen_only",
            "parrot_no_pcg", "parrot")
 NO_PCG_FILE = "final_eval_no_pcg.json"
+IDENTIFIER_FILE = "identifiers.json"
 
 
 def toy_config(variant: str) -> Any:
@@ -97,10 +99,17 @@ def no_pcg_evaluation(workdir: Path) -> dict[str, Any]:
 
 def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
                      seed: int) -> np.ndarray:
-    """Mean rewards ``[K, K]`` of the trained Parrot run with identifier k alone (row k)."""
+    """Mean rewards ``[K, K]`` of the trained Parrot run with identifier k alone (row k); kept
+    in ``workdir/identifiers.json`` for the same prompts, image count and seed."""
     from parrot_jax import evaluate
     from parrot_jax.sample import load_runs
 
+    path = workdir / IDENTIFIER_FILE
+    settings = {"prompts": list(prompts), "num_images": num_images, "seed": seed}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            return np.asarray(saved["mean"])
     (loaded,) = load_runs(workdir)
     try:
         rows = []
@@ -111,7 +120,9 @@ def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
             rows.append(values.mean(axis=0))
     finally:
         loaded.models.rewards.close()
-    return np.stack(rows)
+    study = np.stack(rows)
+    path.write_text(json.dumps({"settings": settings, "mean": study.tolist()}) + "\n")
+    return study
 
 
 def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
@@ -141,6 +152,66 @@ def summarise(records: dict[str, list[dict]], names: Sequence[str]) -> dict[str,
         row["hypervolume"] = volumes[method]
         table[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in row.items()}
     return {"methods": table, "hypervolume_reference": reference}
+
+
+# Oracle metrics that should move with a learned reward (sign: +1 = up with the reward), from
+# labels.py's rules: aesthetics = contrast and sharp edges; preference and alignment = the
+# prompted colour and shape (preference also vivid and large).
+ORACLE_OF = {
+    "aesthetics": (("contrast", 1), ("sharpness", 1)),
+    "human_preference": (("hue_error", -1), ("shape_iou", 1), ("saturation", 1), ("area", 1)),
+    "alignment": (("hue_error", -1), ("shape_iou", 1)),
+}
+
+
+def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 9's checks on a summary: ``(claim, measured, holds)`` for each.
+
+    Parrot's hypervolume above both weighted sums'; no reward of Parrot's below base by more
+    than Parrot's seed std; each identifier alone raising its own reward more than the other
+    identifiers do (the identifier table's diagonal is each column's maximum); prompt-centred
+    guidance above plain guidance on alignment; and, per reward Parrot raised, the oracle
+    metrics that should move with it (``ORACLE_OF``) moving the right way."""
+    methods = summary["methods"]
+    parrot, base = methods["parrot"], methods["base"]
+    out = []
+    hv = parrot["hypervolume"][0]
+    for ws in ("weighted_sum", "weighted_sum_0.7"):
+        other = methods[ws]["hypervolume"][0]
+        out.append((f"Parrot's hypervolume exceeds {ws}'s", f"{hv:.4g} vs {other:.4g}",
+                    hv > other))
+    names = summary["identifiers"]["rewards"]
+    for n in names:
+        change, std = parrot[n][0] - base[n][0], parrot[n][1]
+        out.append((f"{n}: Parrot no lower than base by more than its seed std",
+                    f"{change:+.4g} (std {std:.2g})", change >= -std))
+    table = np.asarray(summary["identifiers"]["mean"])
+    for k, n in enumerate(names):
+        column = table[:, k]
+        best = int(np.argmax(column))
+        out.append((f"<reward {k + 1}> alone gives the highest {n}",
+                    f"{column[k]:.4g}; best <reward {best + 1}> {column[best]:.4g}", best == k))
+    pcg, plain = parrot["alignment"][0], methods["parrot_no_pcg"]["alignment"][0]
+    out.append(("prompt-centred guidance raises alignment over plain guidance on the expansion",
+                f"{pcg:.4g} vs {plain:.4g}", pcg > plain))
+    for n, metrics in ORACLE_OF.items():
+        change = parrot[n][0] - base[n][0]
+        if change <= 0:
+            continue
+        for metric, sign in metrics:
+            key = f"oracle/{metric}"
+            if key in parrot:
+                moved = parrot[key][0] - base[key][0]
+                out.append((f"{n} rose: {key} moves {'up' if sign > 0 else 'down'}",
+                            f"{moved:+.4g}", moved * sign > 0))
+    return out
+
+
+def evidence_markdown(checks: list[tuple[str, str, bool]]) -> str:
+    lines = ["| check | measured | holds |", "|---|---|---|"]
+    lines += [f"| {claim} | {measured} | {'yes' if ok else 'no'} |"
+              for claim, measured, ok in checks]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict[str, Any], seeds: Sequence[int], iterations: int) -> str:
@@ -239,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{study[:, k, j].mean():.4g} ± {study[:, k, j].std():.2g}"
             for j in range(len(names))) + " |")
     (out / "identifiers.md").write_text("\n".join(lines) + "\n")
-    print((out / "table.md").read_text() + "\n" + (out / "identifiers.md").read_text())
+    (out / "evidence.md").write_text(evidence_markdown(evidence(summary)))
+    print("\n".join((out / f).read_text() for f in ("table.md", "identifiers.md", "evidence.md")))
     return summary
 
 
