@@ -130,6 +130,25 @@ def test_default_config_runs_parrot_and_the_final_evaluation(tmp_path):
     assert (tmp_path / "eval" / "grid_000002.png").is_file()
 
 
+def test_parrot_improves_the_toy_rewards(tmp_path):
+    """The end-to-end check DESIGN.md §7 asks for: a short Parrot run on the toy world moves
+    the held-out front out (hypervolume up), with paired noise against the base model. Measured
+    when this test was written (seed 0): 32.35 -> 33.93; with every advantage's sign flipped,
+    39.04 -> 37.68 (reward means alone did not tell the two apart at this size)."""
+    from parrot_jax.training import train_and_evaluate
+
+    config = _toy_config("")
+    config.num_groups = 4  # 32 images per iteration, 2 minibatches of 16 on 8 devices
+    config.num_iterations = 12
+    config.sample.num_steps = 10
+    config.checkpoint_every = 12
+    config.eval_every = 12
+    config.final_eval.num_images = 4
+    config.final_eval.oracle = False
+    final = train_and_evaluate(config, tmp_path)["final_eval"]
+    assert final["trained"]["hypervolume"] > final["base"]["hypervolume"], final
+
+
 def test_quick_build_writes_loadable_verified_assets(tmp_path, capsys):
     out = tmp_path / "assets"
     manifest = build.main(["--quick", "--out", str(out)])
