@@ -186,8 +186,8 @@ def group_advantages(rewards: jax.Array, reward_ids: jax.Array | None, selected:
     valid = valid_rows(rewards)
     rewards = jnp.where(valid[:, None], rewards, 0.0)
     if mode == "normalized":
-        mean, std = _masked_mean_std(rewards.T, jnp.broadcast_to(valid, rewards.T.shape))
-        rewards = ((rewards.T - mean) / (std + config.eps)).T
+        mean, std = _masked_mean_std(rewards.T, valid)  # per column: [K, 1]
+        rewards = (rewards - mean.T) / (std.T + config.eps)
     value = jnp.where(valid, scalar_rewards(rewards, reward_ids, config), 0.0)
     chosen = _grouped(selected & valid, group_size)
     return (jnp.sum(jnp.where(chosen, _grouped(value, group_size), 0.0), axis=1)
