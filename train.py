@@ -23,6 +23,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(ROOT / "configs" / "toy.py"),
     "ml_collections config file with get_config(arg), as path[:arg]. Default: configs/toy.py "
     "(the toy world).", lock_config=True)
+_RETAIN = flags.DEFINE_bool(
+    "retain_host_memory", True, "keep freed host memory in the process (glibc malloc: one "
+    "arena, no mmap, no trimming; parrot_jax.host_memory) so XLA:CPU's per-step temporaries "
+    "stop costing page faults: 10-15% faster CPU steps. On accelerators it only touches "
+    "host-side allocations; --noretain_host_memory keeps glibc's defaults.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "where config.json, metrics.jsonl and checkpoints go; reusing one resumes "
     "it. Default: a fresh folder runs/<date-time>.")
@@ -38,6 +43,12 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
+    if _RETAIN.value:  # before XLA starts its threads, which would keep their own arenas
+        from parrot_jax import host_memory
+
+        why_not = host_memory.retain_freed_memory()
+        if why_not:
+            logging.warning("freed host memory is not retained: %s", why_not)
     config = _CONFIG.value
     from parrot_jax import parallel
 

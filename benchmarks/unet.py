@@ -23,14 +23,15 @@ Two things that move the numbers a lot on small shared machines:
 * torch's OpenMP workers busy-wait, so when another process holds a core, ``--threads`` equal to
   the core count can slow torch down by 10-100x; use ``--threads 1`` on a busy 2-core machine.
 * XLA:CPU takes each call's large temporaries from glibc ``malloc``, which serves them with fresh
-  ``mmap`` pages, so every call pays page faults (in a VM, seconds per medium fwd+bwd). To compare
-  compute only, keep freed memory in the heap for both libraries by running with the environment
-  variable ``GLIBC_TUNABLES`` set to
-  ``glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000``.
+  ``mmap`` pages, so every call pays page faults (about 0.2 M per medium fwd+bwd). By default
+  the benchmark first calls ``parrot_jax.host_memory.retain_freed_memory()`` (what ``train.py``
+  does on CPUs), which keeps freed memory in the heap for both libraries; ``--default-malloc``
+  leaves glibc's defaults, to see that cost.
 
 Run (from the repository root, with the package installed or on PYTHONPATH)::
 
-    python benchmarks/unet.py --configs tiny,medium [--batch 2] [--iters 10] [--threads N]
+    python benchmarks/unet.py --configs tiny,medium [--batch 2] [--iters 10] [--threads N] \\
+        [--default-malloc]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from common import compile_timed, median_ms, pin_threads
 
-from parrot_jax import hub
+from parrot_jax import host_memory, hub
 
 CONFIG_NAMES = ("tiny", "medium")
 MODES = ("fwd", "fwd+bwd")
@@ -190,6 +191,9 @@ def format_table(rows: Sequence[Row]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, CONFIG_NAMES, batch=2, iters=10, warmup=2)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (fresh mmap pages for every call's "
+                             "temporaries) instead of host_memory.retain_freed_memory()")
     args = parser.parse_args(argv)
     common.check_common_args(parser, args, CONFIG_NAMES)
     return args
@@ -197,9 +201,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    # Before XLA's threads start: arenas made earlier would keep their own settings.
+    why_not = None if args.default_malloc else host_memory.retain_freed_memory()
     pin_threads(args.threads)  # before the first jax computation starts XLA's CPU backend
     jax.config.update("jax_platforms", "cpu")
     print("\n".join(environment_lines(args)), flush=True)
+    print("malloc: " + ("glibc defaults" if args.default_malloc else
+                        f"not changed ({why_not})" if why_not else
+                        "freed memory retained (host_memory.retain_freed_memory)"), flush=True)
     rows = []
     for name in args.config_names:
         case_rows, max_diff = run_case(make_case(name), args.batch, args.iters, args.warmup)

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from parrot_jax.models.conv import conv_general_dilated
+from parrot_jax.models.norm import GroupNorm
+
 Dtype = Any
 
 ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
@@ -70,7 +73,8 @@ class TimestepEmbedding(nn.Module):
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
          dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-    """A ``kernel x kernel`` NHWC convolution with torch-style symmetric padding."""
+    """A ``kernel x kernel`` NHWC convolution with torch-style symmetric padding (its input
+    gradient from ``models.conv``, which avoids XLA:CPU's per-call kernel transposes)."""
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(
         features,
@@ -79,6 +83,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = N
         padding=((pad, pad), (pad, pad)),
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
@@ -102,12 +107,12 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         act = activation(self.act_fn)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, name="norm1", **kw)(x)
+        h = GroupNorm(self.groups, epsilon=self.eps, name="norm1", **kw)(x)
         h = conv(self.features, 3, name="conv1", **kw)(act(h))
         if temb is not None:
             t = nn.Dense(self.features, name="time_emb_proj", **kw)(act(temb))
             h = h + t[:, None, None, :]
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, name="norm2", **kw)(h)
+        h = GroupNorm(self.groups, epsilon=self.eps, name="norm2", **kw)(h)
         h = conv(self.features, 3, name="conv2", **kw)(act(h))
         if x.shape[-1] != self.features:
             x = conv(self.features, 1, name="conv_shortcut", **kw)(x)

@@ -34,6 +34,7 @@ from parrot_jax.models.layers import (
     conv,
     timestep_embedding,
 )
+from parrot_jax.models.norm import GroupNorm
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -329,7 +330,7 @@ class UNet2DConditionModel(nn.Module):
                        rev(cfg.num_attention_heads)[i], rev(cfg.transformer_layers_per_block)[i],
                        i < n - 1, cfg, name=f"up_blocks_{i}", **kw)(x, block_skips, temb, context)
 
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
         x = activation(cfg.act_fn)(x)
         x = conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
         return x.astype(out_dtype)

@@ -30,6 +30,7 @@ from parrot_jax.models.layers import (
     activation,
     conv,
 )
+from parrot_jax.models.norm import GroupNorm
 
 VAE_EPS = 1e-6  # diffusers' fixed GroupNorm epsilon inside the VAE
 
@@ -144,7 +145,7 @@ class Encoder(nn.Module):
             x = VAEBlock(c, cfg.layers_per_block, "down" if i < n - 1 else None, cfg,
                          name=f"down_blocks_{i}", **kw)(x)
         x = VAEMidBlock(cfg, name="mid_block", **kw)(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=VAE_EPS, name="conv_norm_out", **kw)(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=VAE_EPS, name="conv_norm_out", **kw)(x)
         return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(activation(cfg.act_fn)(x))
 
 
@@ -164,7 +165,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(channels):
             x = VAEBlock(c, cfg.layers_per_block + 1, "up" if i < len(channels) - 1 else None,
                          cfg, name=f"up_blocks_{i}", **kw)(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=VAE_EPS, name="conv_norm_out", **kw)(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=VAE_EPS, name="conv_norm_out", **kw)(x)
         return conv(cfg.out_channels, 3, name="conv_out", **kw)(activation(cfg.act_fn)(x))
 
 

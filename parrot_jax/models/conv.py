@@ -1,0 +1,115 @@
+"""Stride-1 'same' convolutions with a backward pass that avoids XLA:CPU's kernel transposes.
+
+XLA computes the input gradient of a convolution as a second convolution with the kernel
+flipped and its in/out axes swapped, and on CPUs it materialises that kernel copy on every
+call. For the wide, low-resolution layers of a UNet (e.g. a 3x3 kernel with 1024 -> 512
+channels on 8x8 maps) the copy costs more than the convolution itself. There the input
+gradient is cheaper as one matrix product with the kernel as it is stored
+(``dy [M, O] @ kernel[kh*kw*I, O]^T``) followed by a shifted sum over the ``kh * kw`` taps
+(col2im). Which form is cheaper depends on the ratio of the activations to the kernel, which
+is static, so ``same_conv`` picks per call site (``dot_input_grad``), on CPUs only; the forward
+pass and the kernel gradient are XLA's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def dot_input_grad(batch_pixels: int, out_channels: int) -> bool:
+    """Whether the matmul + col2im input gradient beats XLA's transposed-kernel convolution.
+
+    The col2im sum touches ``kh*kw * M * I`` values, the kernel copy ``kh*kw * I * O``: the
+    matmul form wins when the ``M = N*H*W`` output pixels are few next to the output channels
+    (measured on XLA:CPU in benchmarks/unet.py's configs: 2x faster at 8x8, even at 16x16
+    with 256 channels, about 30% slower at 32x32 with 128).
+    """
+    return batch_pixels <= 2 * out_channels
+
+
+def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw = kernel.shape[:2]
+    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=NHWC)
+
+
+def _col2im_input_grad(kernel: jax.Array, dy: jax.Array) -> jax.Array:
+    """``d(same_conv)/dx`` applied to ``dy [N, H, W, O]`` as one matmul and a shifted tap sum."""
+    n, h, w, o = dy.shape
+    kh, kw, i, _ = kernel.shape
+    ph, pw = kh // 2, kw // 2
+    # taps[n, y, x, a, b, :] is what output pixel (y, x) sends back through kernel tap (a, b).
+    taps = jnp.dot(dy.reshape(-1, o), kernel.reshape(-1, o).T).reshape(n, h, w, kh, kw, i)
+    taps = jnp.pad(taps, ((0, 0), (ph, ph), (pw, pw), (0, 0), (0, 0), (0, 0)))
+    # dx[y, x] = sum over taps (a, b) of taps[y + ph - a, x + pw - b, a, b] (zero outside).
+    total = sum(taps[:, 2 * ph - a: 2 * ph - a + h, 2 * pw - b: 2 * pw - b + w, a, b, :]
+                .astype(jnp.float32) for a in range(kh) for b in range(kw))
+    return total.astype(dy.dtype)
+
+
+@jax.custom_vjp
+def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 convolution with ``(k - 1) / 2`` zero padding: x ``[N, H, W, I]``, kernel
+    ``[kh, kw, I, O]`` (odd sizes) -> ``[N, H, W, O]``. The same function as
+    ``lax.conv_general_dilated``; only the input gradient's algorithm differs (module doc)."""
+    return _lax_same_conv(x, kernel)
+
+
+def _same_conv_fwd(x, kernel):
+    return _lax_same_conv(x, kernel), (x, kernel)
+
+
+def _same_conv_bwd(residuals, dy):
+    x, kernel = residuals
+    d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
+    n, h, w, o = dy.shape
+
+    def xla_input_grad(k, g):
+        return jax.vjp(lambda v: _lax_same_conv(v, k), x)[1](g)[0]
+
+    if dot_input_grad(n * h * w, o):
+        # Measured on CPUs only: other platforms keep XLA's own gradient (chosen at lowering,
+        # so an ahead-of-time TPU compile from a CPU host gets the TPU program).
+        dx = lax.platform_dependent(kernel, dy, cpu=_col2im_input_grad, default=xla_input_grad)
+    else:
+        dx = xla_input_grad(kernel, dy)
+    return dx, d_kernel
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         precision: Any = None, **kwargs: Any) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` (``nn.Conv(conv_general_dilated=...)``).
+
+    Plain NHWC / HWIO stride-1 'same' convolutions of odd kernels go through ``same_conv``;
+    every other case (strides, dilation, groups, asymmetric padding, explicit precision) is
+    passed to ``lax.conv_general_dilated`` unchanged.
+    """
+    plain = (
+        lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and precision is None
+        and feature_group_count == 1
+        and tuple(window_strides) == (1, 1)
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1
+        and not isinstance(padding, str)
+        and [tuple(p) for p in padding] == [(rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2]
+        and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+    )
+    if plain:
+        return same_conv(lhs, rhs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kwargs)
