@@ -167,10 +167,11 @@ def test_one_vs_eight_devices(setup, mesh_step):
     for name in m1:
         np.testing.assert_allclose(float(m8[name]), float(m1[name]), rtol=1e-5, atol=1e-6,
                                    err_msg=name)
-    # The optimizer state holds the gradient (mu = 0.1 g, nu = 0.001 g^2): same on both.
+    # The optimizer state holds the gradient (mu = 0.1 g, nu = 0.001 g^2): same on both, up to
+    # float32 sums in another order (~1e-4 relative on g, measured up to 2.2e-4 on g^2).
     for a, b in zip(jax.tree.leaves(new1.opt_state), jax.tree.leaves(new8.opt_state)):
         a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+        np.testing.assert_allclose(b, a, rtol=5e-4, atol=1e-4 * np.abs(a).max())
     # Adam's first step is lr * g / (|g| + 1e-8) per element: where |g| sits at float32 noise
     # (~1e-8) any reordering of the gradient sum can flip its sign. Elsewhere: <= 1e-5.
     mu = new1.opt_state[1][0].mu

@@ -7,8 +7,8 @@ channels on 8x8 maps) the copy costs more than the convolution itself. There the
 gradient is cheaper as one matrix product with the kernel as it is stored
 (``dy [M, O] @ kernel[kh*kw*I, O]^T``) followed by a shifted sum over the ``kh * kw`` taps
 (col2im). Which form is cheaper depends on the ratio of the activations to the kernel, which
-is static, so ``same_conv`` picks per call site (``dot_input_grad``), on CPUs only; the forward
-pass and the kernel gradient are XLA's own.
+is static, so ``same_conv`` picks per call site (``dot_input_grad``), when the default backend
+is the CPU; the forward pass and the kernel gradient are XLA's own.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def dot_input_grad(batch_pixels: int, out_channels: int) -> bool:
     with 256 channels, about 30% slower at 32x32 with 128).
     """
     return batch_pixels <= 2 * out_channels
+
+
+def _on_cpu() -> bool:
+    """Whether programs are traced for the CPU (the default backend)."""
+    return jax.default_backend() == "cpu"
 
 
 def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -74,10 +79,10 @@ def _same_conv_bwd(residuals, dy):
     def xla_input_grad(k, g):
         return jax.vjp(lambda v: _lax_same_conv(v, k), x)[1](g)[0]
 
-    if dot_input_grad(n * h * w, o):
-        # Measured on CPUs only: other platforms keep XLA's own gradient (chosen at lowering,
-        # so an ahead-of-time TPU compile from a CPU host gets the TPU program).
-        dx = lax.platform_dependent(kernel, dy, cpu=_col2im_input_grad, default=xla_input_grad)
+    # Measured on CPUs only: other default backends keep XLA's own gradient. Decided at trace
+    # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets col2im).
+    if _on_cpu() and dot_input_grad(n * h * w, o):
+        dx = _col2im_input_grad(kernel, dy)
     else:
         dx = xla_input_grad(kernel, dy)
     return dx, d_kernel
