@@ -25,6 +25,26 @@ def median_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def paired_median_ms(fns: Sequence[Callable[[], Any]], iters: int, warmup: int
+                     ) -> list[float]:
+    """Median wall time (ms) of each of ``fns``, called in turn within every iteration.
+
+    Alternating the calls lets every function see the same machine: on a shared or virtual
+    machine the speed drifts by 10-20% over seconds, which timing one function's calls and
+    then the other's would read as a difference between them.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, log in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            log.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(log) for log in times]
+
+
 def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
     """``jax.jit(fn)`` compiled for ``args`` and the seconds tracing + lowering + compiling took."""
     start = time.perf_counter()

@@ -8,10 +8,12 @@ same weights (the torch model is written with ``save_pretrained`` and read back 
 * ``fwd+bwd``: forward, ``loss = mean(output ** 2)``, gradients w.r.t. every parameter.
   Ours: ``jax.jit(jax.value_and_grad(loss))``; torch: ``loss.backward()``.
 
-Times are medians over ``--iters`` calls after ``--warmup`` untimed calls; ours are synchronised
-with ``block_until_ready`` and exclude compilation, which is reported on its own (trace + lower +
-XLA compile). ``torch/ours`` above 1 means ours is faster. The maximum absolute difference of the
-two forward outputs is printed as a check that both sides compute the same function.
+Times are medians over ``--iters`` calls after ``--warmup`` untimed calls, ours and torch's
+called in turn (``common.paired_median_ms``) so both see the same machine; ours are
+synchronised with ``block_until_ready`` and exclude compilation, which is reported on its own
+(trace + lower + XLA compile). ``torch/ours`` above 1 means ours is faster. The maximum
+absolute difference of the two forward outputs is printed as a check that both sides compute
+the same function.
 
 Threads: by default XLA's CPU runtime and torch both use every core the process may run on.
 ``--threads N`` pins the process to N cores (``os.sched_setaffinity``, before XLA starts, which
@@ -48,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import compile_timed, median_ms, pin_threads
+from common import compile_timed, paired_median_ms, pin_threads
 
 from parrot_jax import host_memory, hub
 
@@ -116,9 +118,9 @@ def build_models(case: Case) -> tuple[torch.nn.Module, Any, Any]:
     return torch_model, module, params
 
 
-def bench_ours(module: Any, params: Any, inputs: Sequence[np.ndarray], iters: int,
-               warmup: int) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
-    """``{mode: (median ms, compile s)}`` for our UNet, and its forward output (NCHW)."""
+def ours_fns(module: Any, params: Any, inputs: Sequence[np.ndarray]
+             ) -> tuple[dict[str, tuple[Any, float]], np.ndarray]:
+    """``{mode: (call, compile s)}`` for our UNet, and its forward output (NCHW)."""
     sample, timesteps, context = inputs
     args = (params, jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(timesteps, jnp.int32),
             jnp.asarray(context))
@@ -129,19 +131,17 @@ def bench_ours(module: Any, params: Any, inputs: Sequence[np.ndarray], iters: in
     def loss(p: Any, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
         return jnp.mean(forward(p, x, t, c) ** 2)
 
-    results = {}
-    fns = {"fwd": forward, "fwd+bwd": jax.value_and_grad(loss)}
-    for mode, fn in fns.items():
+    calls = {}
+    for mode, fn in {"fwd": forward, "fwd+bwd": jax.value_and_grad(loss)}.items():
         compiled, compile_s = compile_timed(fn, *args)
-        ms = median_ms(lambda c=compiled: jax.block_until_ready(c(*args)), iters, warmup)
-        results[mode] = (ms, compile_s)
+        calls[mode] = (lambda c=compiled: jax.block_until_ready(c(*args)), compile_s)
     out = np.asarray(jax.jit(forward)(*args)).transpose(0, 3, 1, 2)
-    return results, out
+    return calls, out
 
 
-def bench_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray], iters: int,
-                warmup: int) -> tuple[dict[str, float], np.ndarray]:
-    """``{mode: median ms}`` for diffusers' UNet, and its forward output (NCHW)."""
+def torch_fns(model: torch.nn.Module, inputs: Sequence[np.ndarray]
+              ) -> tuple[dict[str, Any], np.ndarray]:
+    """``{mode: call}`` for diffusers' UNet, and its forward output (NCHW)."""
     sample, timesteps, context = (torch.from_numpy(a) for a in inputs)
 
     def forward() -> torch.Tensor:
@@ -153,18 +153,19 @@ def bench_torch(model: torch.nn.Module, inputs: Sequence[np.ndarray], iters: int
         loss = model(sample, timesteps, context, return_dict=False)[0].pow(2).mean()
         loss.backward()
 
-    results = {"fwd": median_ms(forward, iters, warmup),
-               "fwd+bwd": median_ms(forward_backward, iters, warmup)}
-    return results, forward().numpy()
+    return {"fwd": forward, "fwd+bwd": forward_backward}, forward().numpy()
 
 
 def run_case(case: Case, batch: int, iters: int, warmup: int) -> tuple[list[Row], float]:
     """Table rows for one config and the max |ours - torch| of the forward outputs."""
     torch_model, module, params = build_models(case)
     inputs = make_inputs(case, batch)
-    ours, ours_out = bench_ours(module, params, inputs, iters, warmup)
-    theirs, torch_out = bench_torch(torch_model, inputs, iters, warmup)
-    rows = [Row(case.name, mode, ours[mode][0], theirs[mode], ours[mode][1]) for mode in MODES]
+    ours, ours_out = ours_fns(module, params, inputs)
+    theirs, torch_out = torch_fns(torch_model, inputs)
+    rows = []
+    for mode in MODES:
+        ours_ms, torch_ms = paired_median_ms([ours[mode][0], theirs[mode]], iters, warmup)
+        rows.append(Row(case.name, mode, ours_ms, torch_ms, ours[mode][1]))
     return rows, float(np.max(np.abs(ours_out - torch_out)))
 
 

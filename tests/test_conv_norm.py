@@ -21,16 +21,17 @@ def _random(*shape, seed=0, loc=0.0, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
 
 
-@pytest.mark.parametrize("shape, kernel, dot_route", [
-    ((2, 4, 4, 8, 64), 3, True),  # 32 pixels, 64 outputs: matmul + col2im
-    ((1, 5, 7, 6, 40), 3, True),  # non-square map
-    ((1, 6, 6, 4, 50), 5, True),  # 5x5 kernel
-    ((2, 4, 4, 8, 32), 1, True),  # 1x1 kernel
-    ((2, 8, 8, 16, 4), 3, False),  # 128 pixels, 4 outputs: XLA's own input gradient
+@pytest.mark.parametrize("shape, kernel, dot_routes", [
+    ((2, 4, 4, 8, 64), 3, (True, True)),  # 32 pixels, 64 outputs: both gradients as matmuls
+    ((1, 5, 7, 6, 80), 3, (True, True)),  # non-square map
+    ((1, 6, 6, 4, 80), 5, (True, True)),  # 5x5 kernel
+    ((2, 4, 4, 8, 64), 1, (True, True)),  # 1x1 kernel
+    ((2, 4, 4, 8, 40), 3, (True, False)),  # col2im input gradient, XLA's kernel gradient
+    ((2, 8, 8, 16, 4), 3, (False, False)),  # 128 pixels, 4 outputs: XLA's own gradients
 ])
-def test_same_conv_matches_lax(shape, kernel, dot_route):
+def test_same_conv_matches_lax(shape, kernel, dot_routes):
     n, h, w, i, o = shape
-    assert conv.dot_input_grad(n * h * w, o) == dot_route
+    assert (conv.dot_input_grad(n * h * w, o), conv.dot_kernel_grad(n * h * w, o)) == dot_routes
     x, k, dy = _random(n, h, w, i), _random(kernel, kernel, i, o, seed=1), _random(n, h, w, o,
                                                                                   seed=2)
     pad = ((kernel // 2,) * 2,) * 2
@@ -43,18 +44,23 @@ def test_same_conv_matches_lax(shape, kernel, dot_route):
         np.testing.assert_allclose(ours, ref, atol=2e-5 * float(jnp.abs(ref).max()))
 
 
-def test_col2im_input_gradient_on_cpus_only(monkeypatch):
-    """The matmul + col2im input gradient was measured on CPUs; other default backends keep
-    XLA's convolution."""
+def test_matmul_gradients_on_cpus_only(monkeypatch):
+    """The matmul gradients (col2im input, im2col kernel) were measured on CPUs; other default
+    backends keep XLA's convolutions."""
     x, k = _random(1, 4, 4, 8), _random(3, 3, 8, 64, seed=1)
-    assert conv.dot_input_grad(16, 64)
+    assert conv.dot_input_grad(16, 64) and conv.dot_kernel_grad(16, 64)
 
     def grad_jaxpr():
-        return str(jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b))))(x, k))
+        grads = jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b)), argnums=(0, 1))
+        return str(jax.make_jaxpr(grads)(x, k))
 
-    assert "dot_general" in grad_jaxpr()  # the matmul of the col2im route
+    # The gradients by the convolutions they come from: input-shaped, kernel-shaped.
+    from_convs = ("f32[1,4,4,8] = conv_general_dilated", "f32[3,3,8,64] = conv_general_dilated")
+    assert grad_jaxpr().count("= dot_general[") == 2
+    assert not any(c in grad_jaxpr() for c in from_convs)
     monkeypatch.setattr(conv, "_on_cpu", lambda: False)
-    assert "dot_general" not in grad_jaxpr()  # only convolutions
+    assert "dot_general" not in grad_jaxpr()
+    assert all(c in grad_jaxpr() for c in from_convs)
 
 
 def test_conv_general_dilated_routes_only_plain_convolutions():

@@ -6,9 +6,12 @@ call. For the wide, low-resolution layers of a UNet (e.g. a 3x3 kernel with 1024
 channels on 8x8 maps) the copy costs more than the convolution itself. There the input
 gradient is cheaper as one matrix product with the kernel as it is stored
 (``dy [M, O] @ kernel[kh*kw*I, O]^T``) followed by a shifted sum over the ``kh * kw`` taps
-(col2im). Which form is cheaper depends on the ratio of the activations to the kernel, which
-is static, so ``same_conv`` picks per call site (``dot_input_grad``), when the default backend
-is the CPU; the forward pass and the kernel gradient are XLA's own.
+(col2im). At the lowest resolutions the kernel gradient, too, is cheaper as one matrix product,
+of the im2col patches with ``dy`` (``patches[M, kh*kw*I]^T @ dy [M, O]``): XLA:CPU runs that
+convolution on one thread whatever the pool size, the matmul on all of them. Which form is
+cheaper depends on the ratio of the activations to the kernel, which is static, so
+``same_conv`` picks per call site (``dot_input_grad``, ``dot_kernel_grad``), when the default
+backend is the CPU; the forward pass is XLA's own.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ def dot_input_grad(batch_pixels: int, out_channels: int) -> bool:
     with 256 channels, about 30% slower at 32x32 with 128).
     """
     return batch_pixels <= 2 * out_channels
+
+
+def dot_kernel_grad(batch_pixels: int, out_channels: int) -> bool:
+    """Whether the im2col matmul kernel gradient beats XLA's convolution.
+
+    True when the ``M = N*H*W`` pixels are at most half the output channels, so the patches
+    ``[M, kh*kw*I]`` are at most half the size of the kernel gradient itself. Measured on
+    XLA:CPU (N = 2): with 512 -> 512 and 1024 -> 512 channels at 8x8, 1.1-1.2x faster on one
+    core and 1.9x on two (XLA's kernel-gradient convolution does not use the second core
+    there); even at 16x16 with 512 channels; 10-30% slower at 16x16 with 256 and at 32x32.
+    """
+    return 2 * batch_pixels <= out_channels
 
 
 def _on_cpu() -> bool:
@@ -59,6 +74,22 @@ def _col2im_input_grad(kernel: jax.Array, dy: jax.Array) -> jax.Array:
     return total.astype(dy.dtype)
 
 
+def _im2col_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...]
+                        ) -> jax.Array:
+    """``d(same_conv)/dkernel`` (float32) for ``dy [N, H, W, O]``: the patches of ``x`` times
+    ``dy``."""
+    n, h, w, i = x.shape
+    kh, kw = kernel_shape[:2]
+    ph, pw = kh // 2, kw // 2
+    padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    # patches[m, (a*kw + b)*I + c] = x[pixel m shifted by tap (a, b), channel c] (zero outside)
+    patches = jnp.concatenate([padded[:, a:a + h, b:b + w, :] for a in range(kh)
+                               for b in range(kw)], axis=-1).reshape(n * h * w, kh * kw * i)
+    grad = lax.dot_general(patches, dy.reshape(n * h * w, -1), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+    return grad.reshape(kernel_shape)
+
+
 @jax.custom_vjp
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 convolution with ``(k - 1) / 2`` zero padding: x ``[N, H, W, I]``, kernel
@@ -73,18 +104,17 @@ def _same_conv_fwd(x, kernel):
 
 def _same_conv_bwd(residuals, dy):
     x, kernel = residuals
-    d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
     n, h, w, o = dy.shape
-
-    def xla_input_grad(k, g):
-        return jax.vjp(lambda v: _lax_same_conv(v, k), x)[1](g)[0]
-
-    # Measured on CPUs only: other default backends keep XLA's own gradient. Decided at trace
-    # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets col2im).
+    # Measured on CPUs only: other default backends keep XLA's own gradients. Decided at trace
+    # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets these).
+    if _on_cpu() and dot_kernel_grad(n * h * w, o):
+        d_kernel = _im2col_kernel_grad(x, dy, kernel.shape).astype(kernel.dtype)
+    else:
+        d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
     if _on_cpu() and dot_input_grad(n * h * w, o):
         dx = _col2im_input_grad(kernel, dy)
     else:
-        dx = xla_input_grad(kernel, dy)
+        dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]
     return dx, d_kernel
 
 
