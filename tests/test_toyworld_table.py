@@ -68,7 +68,10 @@ def test_evidence_checks_each_claim(monkeypatch):
                "parrot": row(a=2.0, b=0.9, b_std=0.05, hypervolume=3.0, alignment=0.4,
                              **{"oracle/contrast": 0.1, "oracle/hue_error": 0.1})}
     summary = {"methods": methods,
-               "identifiers": {"rewards": ["a", "b"], "mean": [[2.0, 0.0], [1.0, 0.5]]}}
+               # Raw, <reward 1> gives the most b (1.0 vs 0.5), but only because the untrained
+               # models already do (0.9 vs 0.2): training raised b most under <reward 2>.
+               "identifiers": {"rewards": ["a", "b"], "mean": [[2.0, 1.0], [1.0, 0.5]],
+                               "base": [[1.0, 0.9], [0.5, 0.2]]}}
     monkeypatch.setattr(table, "ORACLE_OF", {"a": (("contrast", 1), ("hue_error", -1)),
                                              "b": (("contrast", 1),)})
     checks = {claim: ok for claim, _, ok in table.evidence(summary)}
@@ -77,11 +80,25 @@ def test_evidence_checks_each_claim(monkeypatch):
         "Parrot's hypervolume exceeds weighted_sum_0.7's": False,
         "a: Parrot no lower than base by more than its seed std": True,
         "b: Parrot no lower than base by more than its seed std": False,  # -0.1 < -0.05
-        "<reward 1> alone gives the highest a": True,
-        "<reward 2> alone gives the highest b": True,
+        "<reward 1> alone raises a over base the most": True,  # +1.0 vs +0.5
+        "<reward 2> alone raises b over base the most": True,  # +0.3 vs +0.1
         "prompt-centred guidance raises alignment over plain guidance on the expansion": False,
         "a rose: oracle/contrast moves up": True,
         "a rose: oracle/hue_error moves down": False,  # b fell: its oracle is not checked
     }
+    summary["identifiers"]["base"] = [[1.0, 0.2], [0.5, 0.2]]  # now <reward 1> raised b more
+    checks = {claim: ok for claim, _, ok in table.evidence(summary)}
+    assert not checks["<reward 2> alone raises b over base the most"]
     text = table.evidence_markdown(table.evidence(summary))
     assert text.startswith("| check | measured | holds |")
+
+
+def test_identifier_markdown_shows_trained_base_and_shift():
+    study = {"rewards": ["a", "b"], "mean": [[2.0, 1.0], [1.0, 0.5]],
+             "std": [[0.1, 0.1], [0.1, 0.1]], "base": [[1.0, 0.9], [0.5, 0.2]],
+             "shift_std": [[0.2, 0.0], [0.0, 0.05]]}
+    text = table.identifier_markdown(study)
+    assert "| identifier alone: trained Parrot | a | b |" in text
+    assert "| <reward 1> | 2 ± 0.1 | 1 ± 0.1 |" in text
+    assert "| <reward 1> | 1 | 0.9 |" in text  # untrained: no std column
+    assert "| <reward 2> | +0.5 ± 0 | +0.3 ± 0.05 |" in text

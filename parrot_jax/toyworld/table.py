@@ -15,8 +15,9 @@ Trains, under one budget (``--iterations``) and for each of ``--seeds``, every m
 
 Writes ``--out/table.md`` (mean ± std over seeds of every reward, the hypervolume and the pixel
 oracle metrics), ``table.json``, ``table.png`` (``bar_chart``: each method's change from base
-per reward), ``identifiers.md`` (the Parrot runs scored with each identifier alone) and
-``evidence.md`` (``evidence``: the checks the method should pass, each with its numbers).
+per reward), ``identifiers.md`` (the Parrot runs and the untrained models scored with each
+identifier alone, and the difference) and ``evidence.md`` (``evidence``: the checks the
+method should pass, each with its numbers).
 Hypervolumes here are all measured from ONE reference (each reward's minimum over every image
 of every run), so they compare across methods. Runs are kept under ``--out/runs``; rerunning
 skips finished ones.
@@ -98,9 +99,16 @@ def no_pcg_evaluation(workdir: Path) -> dict[str, Any]:
 
 
 def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
-                     seed: int) -> np.ndarray:
-    """Mean rewards ``[K, K]`` of the trained Parrot run with identifier k alone (row k); kept
-    in ``workdir/identifiers.json`` for the same prompts, image count and seed."""
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean rewards ``[K, K]`` with identifier k alone (row k), of the trained Parrot run and
+    of the untrained models on the same prompts and noise: ``(trained, base)``.
+
+    The base row matters: the untrained models already respond to the identifier tokens (the
+    toy CLIP never saw them, so their embeddings move its text features arbitrarily), and
+    that response, not training, can decide which identifier gives the highest value of a
+    reward. What training taught an identifier is ``trained - base`` in its row. Kept in
+    ``workdir/identifiers.json`` for the same prompts, image count and seed.
+    """
     from parrot_jax import evaluate
     from parrot_jax.sample import load_runs
 
@@ -108,21 +116,24 @@ def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
     settings = {"prompts": list(prompts), "num_images": num_images, "seed": seed}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            return np.asarray(saved["mean"])
-    (loaded,) = load_runs(workdir)
+        if saved["settings"] == settings and "base" in saved:
+            return np.asarray(saved["mean"]), np.asarray(saved["base"])
+    trained, base = load_runs(workdir, base=True)
     try:
-        rows = []
-        for k in range(len(loaded.models.rewards.names)):
-            values = evaluate.score(loaded, prompts, identifiers=[k], w1=5.0, w2=5.0,
-                                    expand_prompt=True, greedy=True, num_images=num_images,
-                                    seed=seed, batch_prompts=8)
-            rows.append(values.mean(axis=0))
+        study = []
+        for loaded in (trained, base):
+            rows = []
+            for k in range(len(loaded.models.rewards.names)):
+                values = evaluate.score(loaded, prompts, identifiers=[k], w1=5.0, w2=5.0,
+                                        expand_prompt=True, greedy=True,
+                                        num_images=num_images, seed=seed, batch_prompts=8)
+                rows.append(values.mean(axis=0))
+            study.append(np.stack(rows))
     finally:
-        loaded.models.rewards.close()
-    study = np.stack(rows)
-    path.write_text(json.dumps({"settings": settings, "mean": study.tolist()}) + "\n")
-    return study
+        trained.models.rewards.close()
+    path.write_text(json.dumps({"settings": settings, "mean": study[0].tolist(),
+                                "base": study[1].tolist()}) + "\n")
+    return study[0], study[1]
 
 
 def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
@@ -168,8 +179,9 @@ def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """Issue 9's checks on a summary: ``(claim, measured, holds)`` for each.
 
     Parrot's hypervolume above both weighted sums'; no reward of Parrot's below base by more
-    than Parrot's seed std; each identifier alone raising its own reward more than the other
-    identifiers do (the identifier table's diagonal is each column's maximum); prompt-centred
+    than Parrot's seed std; each identifier alone raising its own reward, over the untrained
+    models with the same identifier, more than the other identifiers raise it (the diagonal
+    of ``trained - base`` is each column's maximum; ``identifier_study``); prompt-centred
     guidance above plain guidance on alignment; and, per reward Parrot raised, the oracle
     metrics that should move with it (``ORACLE_OF``) moving the right way."""
     methods = summary["methods"]
@@ -185,12 +197,14 @@ def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
         change, std = parrot[n][0] - base[n][0], parrot[n][1]
         out.append((f"{n}: Parrot no lower than base by more than its seed std",
                     f"{change:+.4g} (std {std:.2g})", change >= -std))
-    table = np.asarray(summary["identifiers"]["mean"])
+    shift = np.asarray(summary["identifiers"]["mean"]) - np.asarray(
+        summary["identifiers"]["base"])
     for k, n in enumerate(names):
-        column = table[:, k]
+        column = shift[:, k]
         best = int(np.argmax(column))
-        out.append((f"<reward {k + 1}> alone gives the highest {n}",
-                    f"{column[k]:.4g}; best <reward {best + 1}> {column[best]:.4g}", best == k))
+        out.append((f"<reward {k + 1}> alone raises {n} over base the most",
+                    f"{column[k]:+.4g}; best <reward {best + 1}> {column[best]:+.4g}",
+                    best == k))
     pcg, plain = parrot["alignment"][0], methods["parrot_no_pcg"]["alignment"][0]
     out.append(("prompt-centred guidance raises alignment over plain guidance on the expansion",
                 f"{pcg:.4g} vs {plain:.4g}", pcg > plain))
@@ -205,6 +219,27 @@ def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 out.append((f"{n} rose: {key} moves {'up' if sign > 0 else 'down'}",
                             f"{moved:+.4g}", moved * sign > 0))
     return out
+
+
+def identifier_markdown(study: dict[str, Any]) -> str:
+    """Three tables, a row per identifier alone, mean ± std over seeds: the trained Parrot
+    runs, the untrained models, and their difference (what training taught each
+    identifier)."""
+    names = study["rewards"]
+    trained, base = np.asarray(study["mean"]), np.asarray(study["base"])
+    parts = [("trained Parrot", trained, np.asarray(study["std"]), ".4g"),
+             ("untrained models", base, None, ".4g"),
+             ("trained - untrained", trained - base, np.asarray(study["shift_std"]), "+.3g")]
+    lines = []
+    for title, mean, std, fmt in parts:
+        lines += [f"| identifier alone: {title} | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for k in range(len(names)):
+            cells = [format(mean[k, j], fmt) + ("" if std is None else f" ± {std[k, j]:.2g}")
+                     for j in range(len(names))]
+            lines.append(f"| <reward {k + 1}> | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def evidence_markdown(checks: list[tuple[str, str, bool]]) -> str:
@@ -296,20 +331,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                 seed))
     names = records["parrot"][0]["details"]["rewards"]
     summary = summarise(records, names)
-    study = np.stack(studies)
-    summary["identifiers"] = {"mean": study.mean(axis=0).tolist(),
-                              "std": study.std(axis=0).tolist(), "rewards": names}
+    trained_study = np.stack([t for t, _ in studies])
+    base_study = np.stack([b for _, b in studies])
+    summary["identifiers"] = {"mean": trained_study.mean(axis=0).tolist(),
+                              "std": trained_study.std(axis=0).tolist(),
+                              "base": base_study.mean(axis=0).tolist(),
+                              "shift_std": (trained_study - base_study).std(axis=0).tolist(),
+                              "rewards": names}
     summary.update(seeds=seeds, iterations=args.iterations)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(markdown(summary, seeds, args.iterations))
     (out / "table.png").write_bytes(png_bytes(bar_chart(summary, names)))
-    lines = ["| identifier alone | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for k in range(len(names)):
-        lines.append(f"| <reward {k + 1}> | " + " | ".join(
-            f"{study[:, k, j].mean():.4g} ± {study[:, k, j].std():.2g}"
-            for j in range(len(names))) + " |")
-    (out / "identifiers.md").write_text("\n".join(lines) + "\n")
+    (out / "identifiers.md").write_text(identifier_markdown(summary["identifiers"]))
     (out / "evidence.md").write_text(evidence_markdown(evidence(summary)))
     print("\n".join((out / f).read_text() for f in ("table.md", "identifiers.md", "evidence.md")))
     return summary
