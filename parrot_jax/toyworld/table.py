@@ -222,9 +222,9 @@ def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def identifier_markdown(study: dict[str, Any]) -> str:
-    """Three tables, a row per identifier alone, mean ± std over seeds: the trained Parrot
-    runs, the untrained models, and their difference (what training taught each
-    identifier)."""
+    """Three tables, a row per identifier alone, means over seeds: the trained Parrot runs
+    and their difference from the untrained models (what training taught each identifier),
+    each ± its std over seeds, and the untrained models (the same models in every seed)."""
     names = study["rewards"]
     trained, base = np.asarray(study["mean"]), np.asarray(study["base"])
     parts = [("trained Parrot", trained, np.asarray(study["std"]), ".4g"),
