@@ -94,7 +94,7 @@ def _im2col_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ..
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 convolution with ``(k - 1) / 2`` zero padding: x ``[N, H, W, I]``, kernel
     ``[kh, kw, I, O]`` (odd sizes) -> ``[N, H, W, O]``. The same function as
-    ``lax.conv_general_dilated``; only the input gradient's algorithm differs (module doc)."""
+    ``lax.conv_general_dilated``; only the gradients' algorithms differ (module doc)."""
     return _lax_same_conv(x, kernel)
 
 
@@ -105,13 +105,15 @@ def _same_conv_fwd(x, kernel):
 def _same_conv_bwd(residuals, dy):
     x, kernel = residuals
     n, h, w, o = dy.shape
+    pixels = n * h * w
     # Measured on CPUs only: other default backends keep XLA's own gradients. Decided at trace
     # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets these).
-    if _on_cpu() and dot_kernel_grad(n * h * w, o):
+    on_cpu = _on_cpu()
+    if on_cpu and dot_kernel_grad(pixels, o):
         d_kernel = _im2col_kernel_grad(x, dy, kernel.shape).astype(kernel.dtype)
     else:
         d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
-    if _on_cpu() and dot_input_grad(n * h * w, o):
+    if on_cpu and dot_input_grad(pixels, o):
         dx = _col2im_input_grad(kernel, dy)
     else:
         dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]

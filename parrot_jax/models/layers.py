@@ -73,8 +73,8 @@ class TimestepEmbedding(nn.Module):
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
          dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-    """A ``kernel x kernel`` NHWC convolution with torch-style symmetric padding (its input
-    gradient from ``models.conv``, which avoids XLA:CPU's per-call kernel transposes)."""
+    """A ``kernel x kernel`` NHWC convolution with torch-style symmetric padding (its gradients
+    from ``models.conv``, which avoids XLA:CPU's per-call kernel transposes)."""
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(
         features,
