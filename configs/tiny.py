@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pen.learning_rate = 3e-4  # AdamW rate of the PEN's LoRA factors
     c.pen.lora_rank = 4  # PEN LoRA rank
     c.pen.lora_alpha = 4.0  # PEN LoRA scale numerator
+    c.pen.expansions_per_prompt = 1  # E: groups sharing one drawn prompt (and its identifier),
+    # each with its own expansion; E > 1 makes the 'regularised' baseline the mean over a
+    # prompt's E expansions instead of over the batch (not in the paper); must divide num_groups
 
     c.identifiers = "cycle"  # reward identifier per group: 'cycle' over K, or 'random'
 

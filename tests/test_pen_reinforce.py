@@ -139,6 +139,26 @@ def test_group_baseline(batch):
         np.testing.assert_allclose(float(ours[key]), float(ref[key]), rtol=1e-5, atol=1e-7)
 
 
+def test_per_prompt_baseline(batch):
+    """With two expansions per prompt the baseline is each pair's mean: pairs whose two
+    advantages are equal give no gradient however far apart the pairs are (the batch mean
+    would still push the better pair up), and unequal ones the update of the advantages
+    centred within pairs without a baseline."""
+    per_prompt = dataclasses.replace(PAPER, group_baseline=True, expansions_per_prompt=2)
+    batch_mean = dataclasses.replace(PAPER, group_baseline=True)
+    pairs = np.array([5.0, 5.0, -1.0, -1.0], np.float32)
+    assert float(_step(batch, per_prompt, pairs)[2]["grad_norm"]) == 0.0
+    assert float(_step(batch, batch_mean, pairs)[2]["grad_norm"]) > 1e-3
+    unequal = np.array([2.0, -1.0, 0.5, 0.0], np.float32)
+    centred = unequal - np.repeat(unequal.reshape(2, 2).mean(1), 2)
+    ours = _step(batch, per_prompt, unequal)[2]
+    ref = _step(batch, PAPER, centred)[2]
+    for key in ("loss", "grad_norm", "advantage"):
+        np.testing.assert_allclose(float(ours[key]), float(ref[key]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="4 groups do not split into prompts of 3"):
+        _step(batch, dataclasses.replace(per_prompt, expansions_per_prompt=3), unequal)
+
+
 def test_kl_to_sft_model(batch, seq_log_prob):
     """The KL is exactly 0 for a fresh LoRA (B = 0: the policy is the SFT model) and positive
     after a step that raised the sampled expansions' log-probs; it enters the loss as the
@@ -177,8 +197,8 @@ def test_presets_and_config_errors(batch):
     assert regularised.group_baseline and regularised.kl_coef > 0
     with pytest.raises(ValueError, match="unknown PEN RL preset 'ppo'"):
         PENRLConfig.preset("ppo")
-    with pytest.raises(ValueError, match="kl_coef=-1.*lora_rank=0"):
-        PENRLConfig(kl_coef=-1.0, lora_rank=0)
+    with pytest.raises(ValueError, match="kl_coef=-1.*lora_rank=0.*expansions_per_prompt=0"):
+        PENRLConfig(kl_coef=-1.0, lora_rank=0, expansions_per_prompt=0)
     with pytest.raises(ValueError, match="match no kernel"):
         init_pen_lora(jax.random.key(0), batch.params, PENRLConfig(lora_targets="nothing"))
     with pytest.raises(ValueError, match=r"advantages have shape \(3,\)"):

@@ -20,7 +20,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from parrot_jax.data.promptist import DatasetError
 from parrot_jax.training import train_and_evaluate
 from parrot_jax.training.checkpoint import IncompatibleWorkdirError
-from parrot_jax.training.loop import advantage_config, check_fields, derived_sizes
+from parrot_jax.training.loop import (
+    advantage_config,
+    check_fields,
+    derived_sizes,
+    draw_prompts,
+    group_prompts,
+)
 from parrot_jax.training.metrics import MetricsWriter, front_hypervolume, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +139,36 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config\.pen\.advantage='zscore'"):
         train_and_evaluate(config, tmp_path / "e")
     assert not (tmp_path / "e" / "config.json").exists()
+
+    config = tiny_config("smoke")
+    config.pen.expansions_per_prompt = 3  # 2 groups
+    with pytest.raises(ValueError, match=r"expansions_per_prompt=3 .* num_groups=2"):
+        train_and_evaluate(config, tmp_path / "f")
+    assert not (tmp_path / "f" / "config.json").exists()
+
+
+def test_group_prompts_share_a_prompt_and_its_identifier():
+    """With E expansions per prompt an iteration draws G / E prompts, each in E consecutive
+    groups with one identifier; identifiers keep cycling over prompts across iterations; E = 1
+    is the plain draw of G prompts."""
+    import jax
+
+    prompts = [f"prompt {i}" for i in range(50)]
+    config = tiny_config("")  # 4 groups
+    config.num_groups = 8
+    config.pen.expansions_per_prompt = 2
+    key = jax.random.key(0)
+    ids, k = group_prompts(prompts, config, position=3, step=5, num_rewards=4, key=key)
+    np.testing.assert_array_equal(ids, np.repeat(draw_prompts(prompts, config.seed, 3, 4), 2))
+    assert len(set(ids.tolist())) == 4
+    np.testing.assert_array_equal(k, np.repeat([0, 1, 2, 3], 2))  # start 5 * 4 = 20 = 0 mod 4
+    config.pen.expansions_per_prompt = 4
+    _, k = group_prompts(prompts, config, position=3, step=1, num_rewards=4, key=key)
+    np.testing.assert_array_equal(k, [2, 2, 2, 2, 3, 3, 3, 3])  # prompts 2 and 3 of the cycle
+    config.pen.expansions_per_prompt = 1
+    ids, k = group_prompts(prompts, config, position=3, step=1, num_rewards=4, key=key)
+    np.testing.assert_array_equal(ids, draw_prompts(prompts, config.seed, 3, 8))
+    np.testing.assert_array_equal(k, [0, 1, 2, 3, 0, 1, 2, 3])
 
 
 def _train_py(workdir, *overrides):

@@ -6,8 +6,11 @@ the training loop derives from the group's Pareto-selected images. The paper's l
 (EOS included), and only LoRA factors trained. Two options, both off in the ``paper`` preset
 (METHOD.md §9, item 9, explains why one may want them):
 
-* ``group_baseline``: subtract the mean advantage over the batch of groups (variance reduction;
-  equal advantages then give no gradient).
+* ``group_baseline``: subtract a mean advantage (variance reduction; equal advantages then give
+  no gradient): over the batch of groups, or, when the loop expands each prompt
+  ``expansions_per_prompt > 1`` times (consecutive groups), over the groups of the same prompt.
+  The batch mean leaves in how hard each prompt is; the per-prompt mean compares only
+  expansions of one prompt, as RLOO / GRPO do.
 * ``kl_coef > 0``: a token-level KL penalty to the frozen SFT model, which is the base
   parameters without LoRA. Per group, ``kl_g = Σ_t (log p_φ - log p_sft)`` over the sampled
   expansion's tokens. It enters as a reward penalty, ``A_g ← A_g - kl_coef · sg(kl_g)`` (before
@@ -52,6 +55,8 @@ class PENRLConfig:
     weight_decay: float = 1e-4  # AdamW decoupled weight decay on the factors
     max_grad_norm: float | None = 1.0  # global-norm gradient clip; None = off
     group_baseline: bool = False  # subtract the batch-mean advantage (off in the paper)
+    expansions_per_prompt: int = 1  # consecutive groups sharing one prompt; > 1 makes the
+    # group baseline the mean over the prompt's expansions instead of over the batch
     kl_coef: float = 0.0  # weight of the token-level KL to the SFT model, nats (paper: 0)
     lora_rank: int = 8  # rank r of each LoRA factor pair
     lora_alpha: float = 8.0  # LoRA scale numerator: delta W = (alpha / r) A B
@@ -67,6 +72,9 @@ class PENRLConfig:
             problems.append(f"max_grad_norm={self.max_grad_norm!r} (must be > 0 or None)")
         if not (isinstance(self.lora_rank, int) and self.lora_rank > 0):
             problems.append(f"lora_rank={self.lora_rank!r} (a positive int)")
+        if not (isinstance(self.expansions_per_prompt, int) and self.expansions_per_prompt > 0):
+            problems.append(f"expansions_per_prompt={self.expansions_per_prompt!r} "
+                            "(a positive int)")
         try:
             re.compile(self.lora_targets)
         except re.error as e:
@@ -95,6 +103,19 @@ def pen_rl_optimizer(config: PENRLConfig) -> optax.GradientTransformation:
     return clipped_adamw(config)
 
 
+def _baseline(weights: jax.Array, expansions_per_prompt: int) -> jax.Array:
+    """``[G]``: the batch mean of ``weights [G]``, or, with ``expansions_per_prompt = E > 1``,
+    the mean over each block of ``E`` consecutive groups (one prompt's expansions)."""
+    g, e = weights.shape[0], expansions_per_prompt
+    if e == 1:
+        return jnp.broadcast_to(jnp.mean(weights), weights.shape)
+    if g % e:
+        raise ValueError(f"{g} groups do not split into prompts of {e} expansions "
+                         "(expansions_per_prompt)")
+    blocks = weights.reshape(g // e, e)
+    return jnp.broadcast_to(jnp.mean(blocks, axis=1, keepdims=True), blocks.shape).reshape(g)
+
+
 def pen_rl_loss(lora: LoRA, params: Any, module: T5ForConditionalGeneration,
                 config: PENRLConfig, input_ids: jax.Array, attention_mask: jax.Array,
                 tokens: jax.Array, mask: jax.Array,
@@ -121,7 +142,7 @@ def pen_rl_loss(lora: LoRA, params: Any, module: T5ForConditionalGeneration,
     else:
         kl = jnp.zeros((), jnp.float32)
     if config.group_baseline:
-        weights = weights - jnp.mean(weights)
+        weights = weights - _baseline(weights, config.expansions_per_prompt)
     loss = -jnp.mean(weights * seq_lp)
     metrics = {"log_prob": jax.lax.stop_gradient(jnp.mean(seq_lp)), "kl": kl,
                "advantage": jnp.mean(weights)}

@@ -3,9 +3,11 @@
 One iteration over G groups x N images (``parrot_iteration``):
 
 1. draw G prompts c_g (deterministic in the seed and the data position, so a resume is exact);
+   with ``pen.expansions_per_prompt = E`` only G / E are drawn, each filling E groups;
 2. the PEN samples one expansion ĉ_g per group, recording its log-probs;
-3. each group gets a reward identifier k_g and the text ``"<reward k_g>, " + ĉ_g``, fitted to
-   the CLIP context (the expansion is cut, never the identifier);
+3. each group gets a reward identifier k_g (one per prompt) and the text
+   ``"<reward k_g>, " + ĉ_g``, fitted to the CLIP context (the expansion is cut, never the
+   identifier);
 4. the CLIP text encoder embeds it and the null prompt; N images per group are rolled out
    (CFG, DDIM, eta 1) by the jitted scan sampler, keeping the latent chain and log-probs;
 5. the VAE decodes ``x_0 / scaling_factor`` to images in [0, 1]; the ``RewardSet`` scores all
@@ -104,7 +106,7 @@ KNOWN_FIELDS = (
     "num_iterations", "sample.num_steps", "sample.guidance_scale", "sample.eta",
     "sample.scheduler.", "pen.train", "pen.max_new_tokens", "pen.temperature", "pen.top_k",
     "pen.top_p", "pen.rl_preset", "pen.advantage", "pen.learning_rate", "pen.lora_rank",
-    "pen.lora_alpha",
+    "pen.lora_alpha", "pen.expansions_per_prompt",
     "identifiers", "advantage.mode", "advantage.pareto", "advantage.selection",
     "advantage.stats", "advantage.weights", "advantage.reward_index", "advantage.adv_clip",
     "advantage.tracker_capacity", "advantage.tracker_buffer", "advantage.tracker_min_count",
@@ -186,7 +188,18 @@ def pen_configs(config: ml_collections.ConfigDict) -> tuple[SamplingConfig, PENR
     return (SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                            top_k=p.top_k, top_p=p.top_p),
             PENRLConfig.preset(p.rl_preset, learning_rate=p.learning_rate,
-                               lora_rank=p.lora_rank, lora_alpha=p.lora_alpha))
+                               lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
+                               expansions_per_prompt=expansions_per_prompt(config)))
+
+
+def expansions_per_prompt(config: ml_collections.ConfigDict) -> int:
+    """``config.pen.expansions_per_prompt``, checked to divide ``num_groups``. Workdirs written
+    before the field existed expanded every prompt once, which is what 1 means."""
+    e = config.pen.get("expansions_per_prompt", 1)
+    if not isinstance(e, int) or e <= 0 or config.num_groups % e:
+        raise ValueError(f"config.pen.expansions_per_prompt={e!r} must be a positive int that "
+                         f"divides num_groups={config.num_groups}")
+    return e
 
 
 TFDS_PREFIX = "tfds:"
@@ -230,6 +243,19 @@ def draw_prompts(prompts: Sequence[str], seed: int, position: int,
     seed and the position, so resuming at a position repeats nothing and skips nothing)."""
     rng = np.random.default_rng([seed, position])
     return rng.choice(len(prompts), count, replace=len(prompts) < count)
+
+
+def group_prompts(prompts: Sequence[str], config: ml_collections.ConfigDict, position: int,
+                  step: int, num_rewards: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt_ids [G], identifiers [G])`` of one iteration: ``G / E`` prompts drawn at
+    ``position`` (``draw_prompts``), each given to ``E = pen.expansions_per_prompt``
+    consecutive groups that share its identifier, so that the PEN's baseline over a prompt's
+    expansions compares texts scored by the same reward."""
+    e = expansions_per_prompt(config)
+    n = config.num_groups // e
+    ids = draw_prompts(prompts, config.seed, position, n)
+    k = assign_identifiers(n, num_rewards, config.identifiers, start=step * n, key=key)
+    return np.repeat(ids, e), np.repeat(k, e)
 
 
 # --- jitted pieces ---------------------------------------------------------------------------
@@ -402,8 +428,8 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
     position = int(state["data_position"])
     step = int(state["step"])
 
-    # 1. prompts c_g
-    prompt_ids = draw_prompts(run.prompts, c.seed, position, sizes.groups)
+    # 1. prompts c_g (and 3.'s identifiers k_g: a prompt expanded E times keeps one k)
+    prompt_ids, k_g = group_prompts(run.prompts, c, position, step, len(m.rewards.names), k_id)
     prompts = [run.prompts[i] for i in prompt_ids]
     # 2. expansions ĉ_g ~ p_φ(ĉ | c_g)
     ids, mask = tokenize_prompts(m.pen_tokenizer, prompts, c.data.max_prompt_length,
@@ -412,9 +438,7 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
     expansion = _expand(m.pen, run.sampling, m.pen_params, lora, ids, mask, k_pen)
     expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
     mark("pen_expand", expansion)
-    # 3. identifiers k_g and the conditioning text "<reward k_g>, " + ĉ_g
-    k_g = assign_identifiers(sizes.groups, len(m.rewards.names), c.identifiers,
-                             start=step * sizes.groups, key=k_id)
+    # 3. the conditioning text "<reward k_g>, " + ĉ_g
     cond = tokenize_conditioning(m.clip_tokenizer, [identifier_prefix([k]) for k in k_g],
                                  expanded, m.context_length)
     # 4.-5. rollouts of N images per group, decoded to [0, 1]
