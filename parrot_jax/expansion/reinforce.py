@@ -107,12 +107,10 @@ def _baseline(weights: jax.Array, expansions_per_prompt: int) -> jax.Array:
     """``[G]``: the batch mean of ``weights [G]``, or, with ``expansions_per_prompt = E > 1``,
     the mean over each block of ``E`` consecutive groups (one prompt's expansions)."""
     g, e = weights.shape[0], expansions_per_prompt
-    if e == 1:
-        return jnp.broadcast_to(jnp.mean(weights), weights.shape)
     if g % e:
         raise ValueError(f"{g} groups do not split into prompts of {e} expansions "
                          "(expansions_per_prompt)")
-    blocks = weights.reshape(g // e, e)
+    blocks = weights.reshape(-1, g if e == 1 else e)  # one block: the whole batch
     return jnp.broadcast_to(jnp.mean(blocks, axis=1, keepdims=True), blocks.shape).reshape(g)
 
 
