@@ -5,11 +5,14 @@ does (PEN expansion, identifiers, Eq. 5 guidance; same flags), and every reward 
 ``RewardSet`` scores them; text-reading rewards (alignment) read the ORIGINAL prompt. The
 checkpoint is scored, and with ``--base`` also the untrained models, with the same seeds (paired
 noise). Writes ``eval.json`` (per model, per reward: mean and std over all images, and the
-hypervolume of the model's reward vectors) and ``eval.md`` (the same as a markdown table).
+hypervolume of the model's reward vectors, pooled and per prompt) and ``eval.md`` (the same as
+a markdown table).
 
 The hypervolume of a model is that of all its images' reward vectors (one point per image),
 measured from one reference shared by the models of the file: each reward's minimum over every
-model's images (``hypervolume_reference`` in eval.json). It compares models within one file.
+model's images (``hypervolume_reference`` in eval.json). ``hypervolume_per_prompt`` is the mean
+over prompts of the hypervolume of each prompt's images, from that prompt's minimum over every
+model's images (``per_prompt_hypervolumes``). Both compare models within one file.
 """
 
 from __future__ import annotations
@@ -81,27 +84,61 @@ def summary(values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, flo
             for k, name in enumerate(names)}
 
 
-def with_hypervolumes(values: dict[str, np.ndarray], names: Sequence[str]
+def per_prompt_hypervolumes(values: dict[str, np.ndarray], num_images: int
+                            ) -> dict[str, float]:
+    """Per model (``values``: label -> rewards ``[P * num_images, K]``, rows prompt-major): the
+    mean over the ``P`` prompts of the hypervolume of that prompt's images, each prompt measured
+    from its own reference shared by the models (each reward's minimum over every model's
+    images of the prompt).
+
+    The pooled hypervolume (``with_hypervolumes``) is set by the few prompts whose images reach
+    furthest (in the toy world three of twenty held-out prompts carry most of it); this one
+    weighs every prompt, and asks what Parrot's per-prompt Pareto selection asks: how far out
+    the images of one prompt reach."""
+    shaped = {}
+    for label, v in values.items():
+        if v.ndim != 2 or len(v) % num_images:
+            raise ValueError(f"{label}: {v.shape[0]} reward rows do not split into prompts of "
+                             f"{num_images} images")
+        shaped[label] = v.reshape(-1, num_images, v.shape[-1])
+    counts = {s.shape[0] for s in shaped.values()}
+    if len(counts) != 1:
+        raise ValueError(f"models scored different numbers of prompts: {sorted(counts)}")
+    references = np.min(np.concatenate(list(shaped.values()), axis=1), axis=1)  # [P, K]
+    return {label: float(np.mean([front_hypervolume(s[p], references[p])
+                                  for p in range(len(s))]))
+            for label, s in shaped.items()}
+
+
+def with_hypervolumes(values: dict[str, np.ndarray], names: Sequence[str], *,
+                      num_images: int | None = None,
                       ) -> tuple[dict[str, dict[str, Any]], list[float]]:
     """Per model (``values``: label -> rewards ``[B, K]``): ``summary`` plus ``hypervolume``,
     all measured from the shared reference (each reward's minimum over every model's rows),
-    which is returned too."""
+    which is returned too. With ``num_images`` (rows prompt-major), also
+    ``hypervolume_per_prompt`` (``per_prompt_hypervolumes``)."""
     reference = np.min(np.concatenate(list(values.values())), axis=0)
+    per_prompt = None if num_images is None else per_prompt_hypervolumes(values, num_images)
     results = {}
     for label, v in values.items():
         results[label] = summary(v, names)
         results[label]["hypervolume"] = front_hypervolume(v, reference)
+        if per_prompt is not None:
+            results[label]["hypervolume_per_prompt"] = per_prompt[label]
     return results, [float(x) for x in reference]
 
 
 def markdown(results: dict[str, dict[str, Any]], names: Sequence[str]) -> str:
-    """One row per model, one ``mean ± std`` column per reward, then the hypervolume."""
-    lines = ["| model | " + " | ".join(names) + " | hypervolume |",
-             "|---|" + "---|" * (len(names) + 1)]
+    """One row per model, one ``mean ± std`` column per reward, then the hypervolumes (pooled,
+    and per prompt where measured)."""
+    volumes = [k for k in ("hypervolume", "hypervolume_per_prompt")
+               if all(k in stats for stats in results.values())]
+    lines = ["| model | " + " | ".join([*names, *volumes]) + " |",
+             "|---|" + "---|" * (len(names) + len(volumes))]
     for model, stats in results.items():
         lines.append(f"| {model} | " + " | ".join(
-            f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names)
-            + f" | {stats['hypervolume']:.4g} |")
+            [f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names]
+            + [f"{stats[k]:.4g}" for k in volumes]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 loaded, prompts, identifiers=ids, w1=args.w1, w2=args.w2,
                 expand_prompt=not args.no_expand, greedy=not args.pen_sample,
                 num_images=args.num_images, seed=args.seed, batch_prompts=args.batch_prompts)
-        results, reference = with_hypervolumes(values, names)
+        results, reference = with_hypervolumes(values, names, num_images=args.num_images)
     except RunError as e:
         parser.error(str(e))
     finally:

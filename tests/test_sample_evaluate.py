@@ -125,7 +125,8 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     assert names == ["aesthetics", "human_preference", "alignment", "sentiment"]
     assert set(record["models"]) == {"step_2", "base"}
     table = (out / "eval.md").read_text().splitlines()
-    assert table[2] == "| model | " + " | ".join(names) + " | hypervolume |"
+    assert table[2] == ("| model | " + " | ".join(names)
+                        + " | hypervolume | hypervolume_per_prompt |")
     assert [line.split(" | ")[0] for line in table[4:]] == ["| step_2", "| base"]
     # Recompute the checkpoint's rewards: 2 prompts in chunks of 1 (2 images padded to the 8
     # devices), rewards of the ORIGINAL prompt (conditions are the identified expansions).
@@ -162,6 +163,25 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     assert record["models"]["base"]["hypervolume"] > 0
     alignment = names.index("alignment")
     assert not np.allclose(np.concatenate(conditions)[:, alignment], values[:, alignment])
+
+
+def test_per_prompt_hypervolume_weighs_every_prompt():
+    """Two prompts of two images, two models, 2 rewards. Pooled from (0, 0), b's one far image
+    (11, 11) wins; per prompt (references (0, 0) and (10, 10)), a's prompt-0 front wins."""
+    a = np.array([[2.0, 1.0], [1.0, 2.0], [10.0, 10.0], [10.0, 10.0]])
+    b = np.array([[0.0, 0.0], [0.5, 0.5], [11.0, 11.0], [10.0, 10.0]])
+    results, reference = evaluate.with_hypervolumes({"a": a, "b": b}, ["r", "s"],
+                                                    num_images=2)
+    assert reference == [0.0, 0.0]
+    assert (results["a"]["hypervolume"], results["b"]["hypervolume"]) == (100.0, 121.0)
+    # a: (3 + 0) / 2; b: (0.25 + 1) / 2.
+    assert results["a"]["hypervolume_per_prompt"] == pytest.approx(1.5)
+    assert results["b"]["hypervolume_per_prompt"] == pytest.approx(0.625)
+    assert "hypervolume_per_prompt" not in evaluate.with_hypervolumes({"a": a}, ["r", "s"])[0]["a"]
+    with pytest.raises(ValueError, match="a: 4 reward rows do not split into prompts of 3"):
+        evaluate.per_prompt_hypervolumes({"a": a}, 3)
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        evaluate.per_prompt_hypervolumes({"a": a, "b": b[:2]}, 2)
 
 
 @pytest.mark.parametrize("spec, message", [("0,2", "expected integers 1..4"),
@@ -222,7 +242,7 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
     final = json.loads((workdir / "final_eval.json").read_text())
     names = final["details"]["rewards"]
     assert set(final) == {"base", "trained", "details"}
-    assert list(final["trained"]) == names + ["hypervolume"]
+    assert list(final["trained"]) == names + ["hypervolume", "hypervolume_per_prompt"]
     record = evaluate.main(["--workdir", str(workdir), "--prompts",
                             final["details"]["prompts"], "--out", str(tmp_path), "--base",
                             "--num-images", "2", "--batch-prompts", "1", "--identifiers", "1,3"])
@@ -230,9 +250,9 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
         for name in names:
             assert final[label][name] == pytest.approx(record["models"][model][name]["mean"],
                                                        rel=1e-5, abs=1e-7)
-        assert final[label]["hypervolume"] == pytest.approx(
-            record["models"][model]["hypervolume"], rel=1e-5)
+        for key in ("hypervolume", "hypervolume_per_prompt"):
+            assert final[label][key] == pytest.approx(record["models"][model][key], rel=1e-5)
     assert final["details"]["hypervolume_reference"] == pytest.approx(
         record["hypervolume_reference"])
     text = final_table(final)
-    assert text.count("\n") == len(names) + 2 and "| hypervolume |" in text
+    assert text.count("\n") == len(names) + 3 and "| hypervolume |" in text

@@ -121,7 +121,7 @@ def test_default_config_runs_parrot_and_the_final_evaluation(tmp_path):
     assert final == result["final_eval"]
     names = ["aesthetics", "human_preference", "alignment", "sentiment"]
     for label in ("base", "trained"):
-        assert set(names + ["hypervolume"]) <= set(final[label])
+        assert set(names + ["hypervolume", "hypervolume_per_prompt"]) <= set(final[label])
         assert {k for k in final[label] if k.startswith("oracle/")} == {
             f"oracle/{m}" for m in ("contrast", "saturation", "hue_error", "shape_iou", "area",
                                     "centroid_offset", "sharpness")}

@@ -1,5 +1,6 @@
-"""The comparison table's arithmetic on synthetic final_eval records: one shared hypervolume
-reference across methods, mean ± std over seeds, the markdown and the chart."""
+"""The comparison table's arithmetic on synthetic final_eval records: hypervolume references
+shared across methods (pooled and per prompt), mean ± std over seeds, the markdown and the
+chart."""
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ def _record(base_points, trained_points, oracle=0.5):
         return out
 
     return {"base": stats(base_points), "trained": stats(trained_points),
-            "details": {"rewards": NAMES, "values": {"base": base_points,
-                                                     "trained": trained_points}}}
+            "details": {"rewards": NAMES, "num_images": 1,  # one image per prompt
+                        "values": {"base": base_points, "trained": trained_points}}}
 
 
 def test_summary_uses_one_reference_for_every_method():
@@ -38,10 +39,14 @@ def test_summary_uses_one_reference_for_every_method():
     assert m["base"]["hypervolume"] == pytest.approx((1.0, 0.0))
     ws = [hypervolume(np.array(bad), np.zeros(2)), 0.25]
     assert m["weighted_sum"]["hypervolume"] == pytest.approx((np.mean(ws), np.std(ws)))
+    # Per prompt: prompt 0's reference is (0, 0), prompt 1's (0.5, 0.5) (the minima of that
+    # prompt's images over every run). Parrot: (2 * 1 + 0.5 * 1.5) / 2; base: (0 + 0.25) / 2.
+    assert m["parrot"]["hypervolume_per_prompt"] == pytest.approx((1.375, 0.0))
+    assert m["base"]["hypervolume_per_prompt"] == pytest.approx((0.125, 0.0))
     assert m["parrot"]["oracle/contrast"] == pytest.approx((0.8, 0.1))
     assert m["parrot"]["a"] == pytest.approx((1.5, 0.0))
     text = table.markdown(summary, [0, 1], 5)
-    assert "| parrot | 1.5 ± 0 | 1.5 ± 0 | 0.8 ± 0.1 | 3 ± 0 |" in text
+    assert "| parrot | 1.5 ± 0 | 1.5 ± 0 | 0.8 ± 0.1 | 3 ± 0 | 1.375 ± 0 |" in text
     chart = table.bar_chart(summary, NAMES)
     assert chart.dtype == np.uint8 and chart.ndim == 3 and chart.shape[2] == 3
 
@@ -59,13 +64,16 @@ def test_methods_cover_the_papers_comparison():
 
 def test_evidence_checks_each_claim(monkeypatch):
     def row(**values):
-        keys = ("a", "b", "alignment", "hypervolume", "oracle/contrast", "oracle/hue_error")
+        keys = ("a", "b", "alignment", "hypervolume", "hypervolume_per_prompt",
+                "oracle/contrast", "oracle/hue_error")
         return {k: (values.get(k, 0.0), values.get(k + "_std", 0.0)) for k in keys}
 
     methods = {"base": row(a=1.0, b=1.0, hypervolume=1.0),
-               "weighted_sum": row(hypervolume=2.0), "weighted_sum_0.7": row(hypervolume=4.0),
+               "weighted_sum": row(hypervolume=2.0, hypervolume_per_prompt=1.0),
+               "weighted_sum_0.7": row(hypervolume=4.0, hypervolume_per_prompt=0.5),
                "parrot_no_pcg": row(alignment=0.5),
                "parrot": row(a=2.0, b=0.9, b_std=0.05, hypervolume=3.0, alignment=0.4,
+                             hypervolume_per_prompt=0.8,
                              **{"oracle/contrast": 0.1, "oracle/hue_error": 0.1})}
     summary = {"methods": methods,
                # Raw, <reward 1> gives the most b (1.0 vs 0.5), but only because the untrained
@@ -78,6 +86,8 @@ def test_evidence_checks_each_claim(monkeypatch):
     assert checks == {
         "Parrot's hypervolume exceeds weighted_sum's": True,
         "Parrot's hypervolume exceeds weighted_sum_0.7's": False,
+        "Parrot's per-prompt hypervolume exceeds weighted_sum's": False,  # 0.8 vs 1.0
+        "Parrot's per-prompt hypervolume exceeds weighted_sum_0.7's": True,
         "a: Parrot no lower than base by more than its seed std": True,
         "b: Parrot no lower than base by more than its seed std": False,  # -0.1 < -0.05
         "<reward 1> alone raises a over base the most": True,  # +1.0 vs +0.5

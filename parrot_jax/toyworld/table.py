@@ -13,14 +13,17 @@ Trains, under one budget (``--iterations``) and for each of ``--seeds``, every m
   (``w1 = 0``: no original-prompt-centred term);
 - ``parrot``: the method.
 
-Writes ``--out/table.md`` (mean ± std over seeds of every reward, the hypervolume and the pixel
+Writes ``--out/table.md`` (mean ± std over seeds of every reward, both hypervolumes and the pixel
 oracle metrics), ``table.json``, ``table.png`` (``bar_chart``: each method's change from base
 per reward), ``identifiers.md`` (the Parrot runs and the untrained models scored with each
 identifier alone, and the difference) and ``evidence.md`` (``evidence``: the checks the
 method should pass, each with its numbers).
-Hypervolumes here are all measured from ONE reference (each reward's minimum over every image
-of every run), so they compare across methods. Runs are kept under ``--out/runs``; rerunning
-skips finished ones.
+Hypervolumes here are measured from references shared by every run, so they compare across
+methods: ``hypervolume`` pools all images (from each reward's minimum over every image of every
+run); ``hypervolume_per_prompt`` is the mean over held-out prompts of each prompt's hypervolume
+(from that prompt's minimum over every run). The pooled one is set by the few prompts whose
+images reach furthest; the per-prompt one weighs every prompt. Runs are kept under
+``--out/runs``; rerunning skips finished ones.
 """
 
 from __future__ import annotations
@@ -137,30 +140,38 @@ def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
 
 
 def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
-                        ) -> tuple[dict[str, list[float]], list[float]]:
-    """Per method and seed, the hypervolume of its images' reward vectors from one reference:
-    each reward's minimum over every image of every record (``evaluate.with_hypervolumes``
-    over all of them at once)."""
+                        ) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
+    """Per method and seed, both hypervolumes of its images' reward vectors
+    (``{"hypervolume": {method: [per seed]}, "hypervolume_per_prompt": {...}}``), each from
+    references shared by every record: the pooled one from each reward's minimum over every
+    image of every record (returned too), the per-prompt one from each prompt's minimum
+    (``evaluate.with_hypervolumes`` over all records at once)."""
     from parrot_jax.evaluate import with_hypervolumes
 
     values = {(m, i): np.asarray(r["details"]["values"]["base" if m == "base" else "trained"],
                                  np.float64)
               for m, rs in records.items() for i, r in enumerate(rs)}
-    results, reference = with_hypervolumes(values, names)
-    return ({m: [results[(m, i)]["hypervolume"] for i in range(len(rs))]
-             for m, rs in records.items()}, reference)
+    counts = {r["details"]["num_images"] for rs in records.values() for r in rs}
+    if len(counts) != 1:
+        raise ValueError(f"records scored different numbers of images per prompt: "
+                         f"{sorted(counts)}")
+    results, reference = with_hypervolumes(values, names, num_images=counts.pop())
+    return ({key: {m: [results[(m, i)][key] for i in range(len(rs))]
+                   for m, rs in records.items()}
+             for key in ("hypervolume", "hypervolume_per_prompt")}, reference)
 
 
 def summarise(records: dict[str, list[dict]], names: Sequence[str]) -> dict[str, Any]:
     """``{method: {metric: (mean, std over seeds)}}`` for every reward, the shared-reference
-    hypervolume and the oracle metrics."""
+    hypervolumes (pooled and per prompt) and the oracle metrics."""
     volumes, reference = shared_hypervolumes(records, names)
     table: dict[str, Any] = {}
     for method, rs in records.items():
         label = "base" if method == "base" else "trained"
         keys = list(names) + sorted(k for k in rs[0][label] if k.startswith("oracle/"))
         row = {k: [r[label][k] for r in rs] for k in keys}
-        row["hypervolume"] = volumes[method]
+        for key, per_method in volumes.items():
+            row[key] = per_method[method]
         table[method] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in row.items()}
     return {"methods": table, "hypervolume_reference": reference}
 
@@ -178,20 +189,23 @@ ORACLE_OF = {
 def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """Issue 9's checks on a summary: ``(claim, measured, holds)`` for each.
 
-    Parrot's hypervolume above both weighted sums'; no reward of Parrot's below base by more
-    than Parrot's seed std; each identifier alone raising its own reward, over the untrained
-    models with the same identifier, more than the other identifiers raise it (the diagonal
+    Parrot's hypervolumes (pooled, and per prompt) above both weighted sums'; no reward of
+    Parrot's below base by more than Parrot's seed std; each identifier alone raising its own
+    reward, over the untrained models with the same identifier, more than the other
+    identifiers raise it (the diagonal
     of ``trained - base`` is each column's maximum; ``identifier_study``); prompt-centred
     guidance above plain guidance on alignment; and, per reward Parrot raised, the oracle
     metrics that should move with it (``ORACLE_OF``) moving the right way."""
     methods = summary["methods"]
     parrot, base = methods["parrot"], methods["base"]
     out = []
-    hv = parrot["hypervolume"][0]
-    for ws in ("weighted_sum", "weighted_sum_0.7"):
-        other = methods[ws]["hypervolume"][0]
-        out.append((f"Parrot's hypervolume exceeds {ws}'s", f"{hv:.4g} vs {other:.4g}",
-                    hv > other))
+    for key, what in (("hypervolume", "hypervolume"),
+                      ("hypervolume_per_prompt", "per-prompt hypervolume")):
+        hv = parrot[key][0]
+        for ws in ("weighted_sum", "weighted_sum_0.7"):
+            other = methods[ws][key][0]
+            out.append((f"Parrot's {what} exceeds {ws}'s", f"{hv:.4g} vs {other:.4g}",
+                        hv > other))
     names = summary["identifiers"]["rewards"]
     for n in names:
         change, std = parrot[n][0] - base[n][0], parrot[n][1]
@@ -253,7 +267,8 @@ def markdown(summary: dict[str, Any], seeds: Sequence[int], iterations: int) -> 
     methods = summary["methods"]
     keys = list(next(iter(methods.values())))
     lines = [f"Held-out prompts; mean ± std over seeds {list(seeds)}; {iterations} Parrot "
-             "iterations per trained method; hypervolume from one shared reference.", "",
+             "iterations per trained method; hypervolumes from shared references "
+             "(pooled over all images; mean over prompts of each prompt's).", "",
              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for method, row in methods.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[k][0]:.4g} ± {row[k][1]:.2g}"
@@ -262,13 +277,13 @@ def markdown(summary: dict[str, Any], seeds: Sequence[int], iterations: int) -> 
 
 
 def bar_chart(summary: dict[str, Any], names: Sequence[str]) -> np.ndarray:
-    """``uint8 [H, W, 3]``: per reward (and the hypervolume) one group of bars, a bar per
+    """``uint8 [H, W, 3]``: per reward (and each hypervolume) one group of bars, a bar per
     method: its mean change from base, divided by the largest absolute change in the group
     (so each group spans the panel; signs and ranks are what the chart shows)."""
     from PIL import Image, ImageDraw
 
     methods = summary["methods"]
-    keys = list(names) + ["hypervolume"]
+    keys = list(names) + ["hypervolume", "hypervolume_per_prompt"]
     palette = [(120, 120, 120), (70, 130, 180), (100, 170, 220), (150, 100, 200),
                (60, 160, 90), (230, 160, 40), (200, 90, 90), (200, 30, 30)]
     bar, gap, height, top = 10, 24, 160, 30

@@ -4,9 +4,11 @@
 file: both models generate ``num_images`` images per prompt the way the paper infers (PEN
 expansion, the reward identifiers, original-prompt-centred guidance; ``parrot_jax.evaluate``'s
 code, paired noise), every reward scores them, and, with ``final_eval.oracle``, the toy world's
-pixel oracle measures them too. Writes ``workdir/final_eval.json``::
+pixel oracle measures them too. Both hypervolumes are ``parrot_jax.evaluate``'s: of all images'
+reward vectors, and the mean over prompts of each prompt's. Writes ``workdir/final_eval.json``::
 
-    {"base": {<reward>: mean, ..., "hypervolume": hv, "oracle/<metric>": mean, ...},
+    {"base": {<reward>: mean, ..., "hypervolume": hv, "hypervolume_per_prompt": hv_p,
+              "oracle/<metric>": mean, ...},
      "trained": {...}, "details": {stds, the hypervolume reference, prompts, settings,
                                    every image's reward vector}}
 
@@ -61,11 +63,12 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 measured[label] = {f"oracle/{k}": float(np.mean(v)) for k, v in metrics.items()}
     finally:
         rewards.close()
-    results, reference = evaluate.with_hypervolumes(values, names)
+    results, reference = evaluate.with_hypervolumes(values, names, num_images=fe.num_images)
     record: dict[str, Any] = {}
     for label in ("base", "trained"):
         record[label] = {n: results[label][n]["mean"] for n in names}
-        record[label]["hypervolume"] = results[label]["hypervolume"]
+        for key in ("hypervolume", "hypervolume_per_prompt"):
+            record[label][key] = results[label][key]
         record[label].update(measured.get(label, {}))
     record["details"] = {
         "std": {label: {n: results[label][n]["std"] for n in names} for label in values},
