@@ -92,9 +92,9 @@ def per_prompt_hypervolumes(values: dict[str, np.ndarray], num_images: int
     images of the prompt).
 
     The pooled hypervolume (``with_hypervolumes``) is set by the few prompts whose images reach
-    furthest (in the toy world three of twenty held-out prompts carry most of it); this one
-    weighs every prompt, and asks what Parrot's per-prompt Pareto selection asks: how far out
-    the images of one prompt reach."""
+    furthest (in the toy world, three of the twenty held-out prompts each hold up to 6.7 of
+    about 53; every other prompt at most 1.3); this one weighs every prompt, and asks what
+    Parrot's per-prompt Pareto selection asks: how far out the images of one prompt reach."""
     shaped = {}
     for label, v in values.items():
         if v.ndim != 2 or len(v) % num_images:

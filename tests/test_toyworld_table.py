@@ -20,7 +20,7 @@ def _record(base_points, trained_points, oracle=0.5):
         return out
 
     return {"base": stats(base_points), "trained": stats(trained_points),
-            "details": {"rewards": NAMES, "num_images": 1,  # one image per prompt
+            "details": {"rewards": NAMES, "num_images": 1, "prompts": "p.txt",  # 1 per prompt
                         "values": {"base": base_points, "trained": trained_points}}}
 
 
@@ -49,6 +49,12 @@ def test_summary_uses_one_reference_for_every_method():
     assert "| parrot | 1.5 ± 0 | 1.5 ± 0 | 0.8 ± 0.1 | 3 ± 0 | 1.375 ± 0 |" in text
     chart = table.bar_chart(summary, NAMES)
     assert chart.dtype == np.uint8 and chart.ndim == 3 and chart.shape[2] == 3
+    records["parrot"][1]["details"]["num_images"] = 2
+    with pytest.raises(ValueError, match="different details.num_images"):
+        table.summarise(records, NAMES)
+    records["parrot"][1]["details"]["prompts"] = "other.txt"
+    with pytest.raises(ValueError, match="different details.prompts"):
+        table.summarise(records, NAMES)
 
 
 def test_methods_cover_the_papers_comparison():

@@ -151,11 +151,13 @@ def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
     values = {(m, i): np.asarray(r["details"]["values"]["base" if m == "base" else "trained"],
                                  np.float64)
               for m, rs in records.items() for i, r in enumerate(rs)}
-    counts = {r["details"]["num_images"] for rs in records.values() for r in rs}
-    if len(counts) != 1:
-        raise ValueError(f"records scored different numbers of images per prompt: "
-                         f"{sorted(counts)}")
-    results, reference = with_hypervolumes(values, names, num_images=counts.pop())
+    for field in ("prompts", "num_images"):  # per-prompt references need the same rows
+        seen = {r["details"][field] for rs in records.values() for r in rs}
+        if len(seen) != 1:
+            raise ValueError(f"records were scored with different details.{field}: "
+                             f"{sorted(seen)}")
+    num_images = next(iter(records.values()))[0]["details"]["num_images"]
+    results, reference = with_hypervolumes(values, names, num_images=num_images)
     return ({key: {m: [results[(m, i)][key] for i in range(len(rs))]
                    for m, rs in records.items()}
              for key in ("hypervolume", "hypervolume_per_prompt")}, reference)
