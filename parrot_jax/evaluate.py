@@ -30,6 +30,7 @@ from parrot_jax.data.promptist import DatasetError, read_prompts
 from parrot_jax.sample import (
     LoadedRun,
     RunError,
+    Samples,
     add_generation_args,
     generate,
     identifiers_arg,
@@ -46,12 +47,13 @@ def chunk_seed(seed: int, index: int) -> int:
 def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[int],
           w1: float, w2: float, expand_prompt: bool, greedy: bool, num_images: int, seed: int,
           batch_prompts: int,
-          on_images: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
+          on_samples: Callable[[Samples], Any] | None = None) -> np.ndarray:
     """Rewards ``[len(prompts) * num_images, K]`` (rows prompt-major, columns in
     ``rewards.names`` order). Prompts go ``batch_prompts`` at a time; chunk ``i`` samples with
     ``chunk_seed(seed, i)``, so two models see the same noise. Reward batches are padded to a
-    multiple of the run's devices (the padding rows are dropped). ``on_images`` receives each
-    chunk's images ``[n, H, W, 3]`` in [0, 1], in row order."""
+    multiple of the run's devices (the padding rows are dropped). ``on_samples`` receives each
+    chunk's ``Samples`` (images ``[n, H, W, 3]`` in [0, 1], expansions, conditioning texts), in
+    row order."""
     rewards = loaded.models.rewards
     out = []
     for i, start in enumerate(range(0, len(prompts), batch_prompts)):
@@ -59,8 +61,8 @@ def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[in
         samples = generate(loaded, chunk, identifiers=identifiers, w1=w1, w2=w2,
                            expand_prompt=expand_prompt, greedy=greedy, num_images=num_images,
                            seed=chunk_seed(seed, i))
-        if on_images is not None:
-            on_images(samples.images)
+        if on_samples is not None:
+            on_samples(samples)
         per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
         images, originals, conditions = (samples.images, per_image(chunk),
                                          per_image(samples.conditions))

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from parrot_jax import evaluate, sample
+from parrot_jax.data.promptist import read_prompts
 from parrot_jax.training import train_and_evaluate
 from parrot_jax.training.final_eval import table as final_table
 from parrot_jax.training.metrics import front_hypervolume
@@ -256,3 +257,13 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
         record["hypervolume_reference"])
     text = final_table(final)
     assert text.count("\n") == len(names) + 3 and "| hypervolume |" in text
+    # Each model's greedy PEN expansion of each held-out prompt, and how many differ.
+    trained, base = sample.load_runs(workdir, base=True)
+    try:
+        prompts = read_prompts(final["details"]["prompts"])
+        want = {"trained": sample.expand(trained, prompts), "base": sample.expand(base, prompts)}
+    finally:
+        trained.models.rewards.close()
+    assert final["details"]["expansions"] == want
+    assert final["details"]["expansions_changed"] == sum(
+        b != t for b, t in zip(want["base"], want["trained"]))

@@ -10,7 +10,8 @@ reward vectors, and the mean over prompts of each prompt's. Writes ``workdir/fin
     {"base": {<reward>: mean, ..., "hypervolume": hv, "hypervolume_per_prompt": hv_p,
               "oracle/<metric>": mean, ...},
      "trained": {...}, "details": {stds, the hypervolume reference, prompts, settings,
-                                   every image's reward vector}}
+                                   each model's greedy expansion of each prompt and how many
+                                   differ, every image's reward vector}}
 
 and returns it; ``table`` renders it for the console.
 """
@@ -47,22 +48,26 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     oracle = None
     if fe.oracle:
         from parrot_jax.toyworld.oracle import oracle_metrics as oracle
-    values, measured = {}, {}
+    values, measured, expansions = {}, {}, {}
     try:
         for label, loaded in (("base", base), ("trained", trained)):
-            images: list[np.ndarray] = []
+            samples: list[Any] = []
             logging.info("Final evaluation: %s models, %d prompts x %d images", label,
                          len(prompts), fe.num_images)
             values[label] = evaluate.score(
                 loaded, prompts, identifiers=ids, w1=fe.w1, w2=fe.w2, expand_prompt=True,
                 greedy=True, num_images=fe.num_images, seed=fe.seed,
-                batch_prompts=fe.batch_prompts, on_images=images.append)
+                batch_prompts=fe.batch_prompts, on_samples=samples.append)
+            expansions[label] = [e for s in samples for e in s.expansions]
             if oracle is not None:
                 per_image = [p for p in prompts for _ in range(fe.num_images)]
-                metrics = oracle(np.concatenate(images), per_image)
+                metrics = oracle(np.concatenate([s.images for s in samples]), per_image)
                 measured[label] = {f"oracle/{k}": float(np.mean(v)) for k, v in metrics.items()}
     finally:
         rewards.close()
+    changed = sum(b != t for b, t in zip(expansions["base"], expansions["trained"]))
+    logging.info("Final evaluation: the trained PEN's greedy expansion differs from the "
+                 "untrained one on %d of %d held-out prompts", changed, len(prompts))
     results, reference = evaluate.with_hypervolumes(values, names, num_images=fe.num_images)
     record: dict[str, Any] = {}
     for label in ("base", "trained"):
@@ -76,6 +81,9 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
         "num_prompts": len(prompts), "num_images": fe.num_images, "seed": fe.seed,
         "identifiers": [i + 1 for i in ids], "guidance": {"w1": fe.w1, "w2": fe.w2},
         "trained_step": trained.step,
+        # Each model's greedy PEN expansion of each prompt: whether RL changed what the PEN
+        # writes (the rewards alone cannot tell a PEN that moved from one that did not).
+        "expansions": expansions, "expansions_changed": changed,
         # Every image's reward vector (rows prompt-major): fronts can be compared across runs.
         "values": {label: np.round(np.asarray(v, np.float64), 6).tolist()
                    for label, v in values.items()},
