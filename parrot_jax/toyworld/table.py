@@ -194,10 +194,10 @@ def evidence(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
     Parrot's hypervolumes (pooled, and per prompt) above both weighted sums'; no reward of
     Parrot's below base by more than Parrot's seed std; each identifier alone raising its own
     reward, over the untrained models with the same identifier, more than the other
-    identifiers raise it (the diagonal
-    of ``trained - base`` is each column's maximum; ``identifier_study``); prompt-centred
-    guidance above plain guidance on alignment; and, per reward Parrot raised, the oracle
-    metrics that should move with it (``ORACLE_OF``) moving the right way."""
+    identifiers raise it (the diagonal of ``trained - base`` is each column's maximum;
+    ``identifier_study``); prompt-centred guidance above plain guidance on alignment; and, per
+    reward Parrot raised, the oracle metrics that should move with it (``ORACLE_OF``) moving the
+    right way."""
     methods = summary["methods"]
     parrot, base = methods["parrot"], methods["base"]
     out = []
