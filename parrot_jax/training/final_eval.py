@@ -37,7 +37,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     """Score the untrained and the latest checkpoint's models (module docstring); the record
     goes to ``workdir/filename``."""
     from parrot_jax import evaluate
-    from parrot_jax.sample import load_runs
+    from parrot_jax.sample import Samples, load_runs
 
     fe = config.final_eval
     prompts = read_prompts(fe.prompts)
@@ -51,7 +51,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     values, measured, expansions = {}, {}, {}
     try:
         for label, loaded in (("base", base), ("trained", trained)):
-            samples: list[Any] = []
+            samples: list[Samples] = []
             logging.info("Final evaluation: %s models, %d prompts x %d images", label,
                          len(prompts), fe.num_images)
             values[label] = evaluate.score(
