@@ -21,6 +21,8 @@ unless a comment says otherwise.
 
 import ml_collections
 
+from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
+
 PRESETS = ("weighted_sum", "single", "t2i_only", "pen_only", "no_pareto")
 SIZES = ("smoke",)
 
@@ -105,6 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pen.learning_rate = 3e-4  # AdamW rate of the PEN's LoRA factors
     c.pen.lora_rank = 4  # PEN LoRA rank
     c.pen.lora_alpha = 4.0  # PEN LoRA scale numerator
+    c.pen.lora_targets = DEFAULT_LORA_TARGETS  # regex over '/'-joined kernel paths given
+    # LoRA factors (default: attention q / v of both stacks; workdirs without it used that)
     c.pen.expansions_per_prompt = 1  # E: groups sharing one drawn prompt (and its identifier),
     # each with its own expansion; E > 1 makes the 'regularised' baseline the mean over a
     # prompt's E expansions instead of over the batch (not in the paper); must divide num_groups

@@ -146,6 +146,29 @@ def test_clear_errors(tmp_path):
         train_and_evaluate(config, tmp_path / "f")
     assert not (tmp_path / "f" / "config.json").exists()
 
+    config = tiny_config("smoke")
+    config.pen.lora_targets = "(lm_head"  # not a regex
+    with pytest.raises(ValueError, match=r"config\.pen: .*lora_targets='\(lm_head' \(bad regex"):
+        train_and_evaluate(config, tmp_path / "g")
+    config.pen.lora_targets = "lm_heads/kernel$"  # a regex that names no PEN kernel
+    with pytest.raises(ValueError, match=r"config\.pen\.lora_targets: .*match no kernel"):
+        train_and_evaluate(config, tmp_path / "g")
+    assert not (tmp_path / "g" / "config.json").exists()
+
+
+def test_pen_lora_targets_reach_the_reinforce_config():
+    """``pen.lora_targets`` picks the PEN kernels REINFORCE trains; a config without the field
+    (a workdir from before it existed) means the attention q / v default."""
+    from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
+    from parrot_jax.training.loop import pen_configs
+
+    config = tiny_config("smoke")
+    assert pen_configs(config)[1].lora_targets == DEFAULT_LORA_TARGETS
+    config.pen.lora_targets = "lm_head/kernel$"
+    assert pen_configs(config)[1].lora_targets == "lm_head/kernel$"
+    del config.pen["lora_targets"]
+    assert pen_configs(config)[1].lora_targets == DEFAULT_LORA_TARGETS
+
 
 def test_group_prompts_share_a_prompt_and_its_identifier():
     """With E expansions per prompt an iteration draws G / E prompts, each in E consecutive

@@ -73,6 +73,7 @@ from parrot_jax.expansion import (
     tokenize_prompts,
 )
 from parrot_jax.expansion import sample as pen_sample
+from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
 from parrot_jax.models.lora import LoRA, merge
 from parrot_jax.rl import (
     PEN_MODES,
@@ -106,7 +107,7 @@ KNOWN_FIELDS = (
     "num_iterations", "sample.num_steps", "sample.guidance_scale", "sample.eta",
     "sample.scheduler.", "pen.train", "pen.max_new_tokens", "pen.temperature", "pen.top_k",
     "pen.top_p", "pen.rl_preset", "pen.advantage", "pen.learning_rate", "pen.lora_rank",
-    "pen.lora_alpha", "pen.expansions_per_prompt",
+    "pen.lora_alpha", "pen.lora_targets", "pen.expansions_per_prompt", "pen.per_image",
     "identifiers", "advantage.mode", "advantage.pareto", "advantage.selection",
     "advantage.stats", "advantage.weights", "advantage.reward_index", "advantage.adv_clip",
     "advantage.tracker_capacity", "advantage.tracker_buffer", "advantage.tracker_min_count",
@@ -184,12 +185,20 @@ def advantage_config(config: ml_collections.ConfigDict) -> AdvantageConfig:
 
 
 def pen_configs(config: ml_collections.ConfigDict) -> tuple[SamplingConfig, PENRLConfig]:
+    """``config.pen`` as the PEN's sampling and REINFORCE settings. Workdirs written before
+    ``pen.lora_targets`` existed trained the default targets, which is what its absence means."""
     p = config.pen
-    return (SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                           top_k=p.top_k, top_p=p.top_p),
-            PENRLConfig.preset(p.rl_preset, learning_rate=p.learning_rate,
-                               lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
-                               expansions_per_prompt=expansions_per_prompt(config)))
+    sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                              top_k=p.top_k, top_p=p.top_p)
+    e = expansions_per_prompt(config)
+    try:
+        rl = PENRLConfig.preset(p.rl_preset, learning_rate=p.learning_rate,
+                                lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
+                                lora_targets=p.get("lora_targets", DEFAULT_LORA_TARGETS),
+                                expansions_per_prompt=e)
+    except ValueError as e:
+        raise ValueError(f"config.pen: {e}") from e
+    return sampling, rl
 
 
 def expansions_per_prompt(config: ml_collections.ConfigDict) -> int:
@@ -356,7 +365,10 @@ def initial_state(config: ml_collections.ConfigDict, models: ParrotModels, mesh:
     root = jax.random.key(config.seed)
     t2i = init_train_state(models.unet_params, update, key=jax.random.fold_in(root, 10),
                            mesh=mesh, rules=PARAM_RULES[config.param_sharding])
-    lora = init_pen_lora(jax.random.fold_in(root, 11), models.pen_params, pen_rl)
+    try:
+        lora = init_pen_lora(jax.random.fold_in(root, 11), models.pen_params, pen_rl)
+    except ValueError as e:
+        raise ValueError(f"config.pen.lora_targets: {e} (model.pen={config.model.pen!r})") from e
     a = config.advantage
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -390,13 +402,14 @@ class Run:
 
 # --- one iteration ---------------------------------------------------------------------------
 
-def _policy_rollout(run: Run, state: dict, cond_ids: Any, key: jax.Array) -> tuple:
+def _policy_rollout(run: Run, state: dict, cond_ids: Any, key: jax.Array,
+                    group_size: int) -> tuple:
     """G x N images in [0, 1] from the current T2I policy for the conditioning token ids
     ``[G, L]`` (CFG against the null prompt): ``(images, trajectory, contexts)``."""
     m, c = run.models, run.config
     t2i_params = merged_params(state["t2i"]["trainable"], run.frozen)
     return _rollout_and_decode(
-        m.unet, m.text_encoder, m.vae, run.sizes.group_size, m.latent_shape, c.sample.eta,
+        m.unet, m.text_encoder, m.vae, group_size, m.latent_shape, c.sample.eta,
         m.scaling_factor, parallel.batch_sharding(run.mesh), t2i_params, m.text_params,
         m.vae_params, m.schedule, CFG(c.sample.guidance_scale), cond_ids, run.null_ids, key)
 
@@ -431,22 +444,29 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
     # 1. prompts c_g (and 3.'s identifiers k_g: a prompt expanded E times keeps one k)
     prompt_ids, k_g = group_prompts(run.prompts, c, position, step, len(m.rewards.names), k_id)
     prompts = [run.prompts[i] for i in prompt_ids]
+    per_image_pen = bool(c.pen.get("per_image", False))
+    per_image = lambda xs: [x for x in xs for _ in range(sizes.group_size)]  # noqa: E731
+    if per_image_pen:
+        prompts_pen, k_pen_ids = per_image(prompts), np.repeat(k_g, sizes.group_size)
+    else:
+        prompts_pen, k_pen_ids = prompts, k_g
     # 2. expansions ĉ_g ~ p_φ(ĉ | c_g)
-    ids, mask = tokenize_prompts(m.pen_tokenizer, prompts, c.data.max_prompt_length,
+    ids, mask = tokenize_prompts(m.pen_tokenizer, prompts_pen, c.data.max_prompt_length,
                                  run.template)
     lora = state["pen"]["lora"]
     expansion = _expand(m.pen, run.sampling, m.pen_params, lora, ids, mask, k_pen)
     expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
     mark("pen_expand", expansion)
     # 3. the conditioning text "<reward k_g>, " + ĉ_g
-    cond = tokenize_conditioning(m.clip_tokenizer, [identifier_prefix([k]) for k in k_g],
+    cond = tokenize_conditioning(m.clip_tokenizer, [identifier_prefix([k]) for k in k_pen_ids],
                                  expanded, m.context_length)
     # 4.-5. rollouts of N images per group, decoded to [0, 1]
-    images, traj, contexts = _policy_rollout(run, state, cond["input_ids"], k_roll)
+    images, traj, contexts = _policy_rollout(run, state, cond["input_ids"], k_roll,
+                                             1 if per_image_pen else sizes.group_size)
     mark("rollout_and_decode", images, traj, contexts)
-    per_image = lambda xs: [x for x in xs for _ in range(sizes.group_size)]  # noqa: E731
     inputs = m.rewards.inputs(images, prompts=per_image(prompts),
-                              conditions=per_image(cond["texts"]))
+                              conditions=cond["texts"] if per_image_pen
+                              else per_image(cond["texts"]))
     rewards = m.rewards.submit(inputs).result()
     mark("rewards", rewards)
     # 6. Pareto selection and advantages
@@ -482,7 +502,7 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
     if c.pen.train:
         lora, opt_state, out = pen_rl_step(
             lora, state["pen"]["opt_state"], m.pen_params, m.pen, run.pen_rl, ids, mask,
-            expansion.tokens, expansion.mask, pen_adv)
+            expansion.tokens, expansion.mask, adv.advantages if per_image_pen else pen_adv)
         new["pen"] = {"lora": lora, "opt_state": opt_state}
         for name in ("loss", "log_prob", "grad_norm", "advantage"):
             metrics[f"pen/{name}"] = out[name]
@@ -553,7 +573,7 @@ def eval_images(run: Run, state: dict) -> tuple[np.ndarray, list[str]]:
     expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
     prefixes = [identifier_prefix([g % len(m.rewards.names)]) for g in range(sizes.groups)]
     cond = tokenize_conditioning(m.clip_tokenizer, prefixes, expanded, m.context_length)
-    images, _, _ = _policy_rollout(run, state, cond["input_ids"], k_roll)
+    images, _, _ = _policy_rollout(run, state, cond["input_ids"], k_roll, run.sizes.group_size)
     images = _host(images)
     return images.reshape(sizes.groups, sizes.group_size, *images.shape[1:]), cond["texts"]
 
