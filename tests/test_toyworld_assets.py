@@ -109,13 +109,19 @@ def test_shipped_models_load_as_real_checkpoints():
                    for p in train)  # held-out (colour, shape) pairs never appear in RL
 
 
-def test_default_config_runs_parrot_and_the_final_evaluation(tmp_path):
-    """train.py's default (configs/toy.py), smoke-sized, on 8 simulated devices: two
-    iterations, then base vs trained on the held-out prompts with the pixel oracle."""
+@pytest.fixture(scope="module")
+def toy_smoke(tmp_path_factory):
+    """train.py's default (configs/toy.py), smoke-sized: (workdir, train_and_evaluate's result)."""
     from parrot_jax.training import train_and_evaluate
 
-    config = _toy_config("smoke")
-    result = train_and_evaluate(config, tmp_path)
+    workdir = tmp_path_factory.mktemp("toy_smoke")
+    return workdir, train_and_evaluate(_toy_config("smoke"), workdir)
+
+
+def test_default_config_runs_parrot_and_the_final_evaluation(toy_smoke):
+    """train.py's default (configs/toy.py), smoke-sized, on 8 simulated devices: two
+    iterations, then base vs trained on the held-out prompts with the pixel oracle."""
+    tmp_path, result = toy_smoke
     assert result["step"] == 2 and result["t2i/ratio_first"] == pytest.approx(1.0)
     final = json.loads((tmp_path / "final_eval.json").read_text())
     assert final == result["final_eval"]
@@ -128,6 +134,24 @@ def test_default_config_runs_parrot_and_the_final_evaluation(tmp_path):
         assert all(np.isfinite(v) for v in final[label].values())
     assert final["details"]["identifiers"] == [1, 2, 3, 4]
     assert (tmp_path / "eval" / "grid_000002.png").is_file()
+
+
+def test_modifier_landscape_cli_on_a_toy_run(toy_smoke, capsys):
+    """``python -m parrot_jax.toyworld.modifiers``: sampled PEN expansions rendered under each
+    identifier; the table has a row per measured modifier value, each effect finite."""
+    from parrot_jax.toyworld import modifiers
+
+    workdir, _ = toy_smoke
+    effects = modifiers.main([str(workdir), "--trained", "--prompts", "3", "--repeats", "2",
+                              "--min-count", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("24 images (trained models)")  # 3 prompts x 2 x 4 identifiers
+    assert out[1] == ("| modifier | share | aesthetics | human_preference | alignment | "
+                      "sentiment | own | equal |")
+    assert effects and len(out) == 3 + len(effects)
+    for e in effects:
+        assert e.attribute in captions.OPTIONAL and 2 <= e.count <= 22
+        assert np.all(np.isfinite(e.rewards)) and np.isfinite(e.own) and np.isfinite(e.equal)
 
 
 def test_parrot_improves_the_toy_rewards(tmp_path):
