@@ -110,6 +110,23 @@ def test_incompatible_workdir_is_refused_and_untouched(smoke, tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
+def test_a_workdir_from_before_an_added_field_resumes(tmp_path):
+    """A saved config without a field of ``checkpoint.ADDED_FIELDS`` agrees with that field's
+    stated value and with nothing else."""
+    from parrot_jax.training import checkpoint
+
+    config = tiny_config("smoke")
+    saved = checkpoint.config_dict(config)
+    for field in checkpoint.ADDED_FIELDS:
+        del saved["pen"][field.split(".")[1]]
+    (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+    checkpoint.check_workdir(config, tmp_path)  # the defaults: accepted
+    config.pen.lora_targets = "lm_head/kernel$"
+    with pytest.raises(IncompatibleWorkdirError,
+                       match=r"pen\.lora_targets: saved <absent, meaning '\(Self.*, now 'lm_head"):
+        checkpoint.check_workdir(config, tmp_path)
+
+
 def test_clear_errors(tmp_path):
     config = tiny_config("smoke")
     config.model.pretrained = str(tmp_path / "no_such_pipeline")

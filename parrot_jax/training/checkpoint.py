@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
 from parrot_jax.training.pen_sft import checkpoint_manager
 
 CONFIG_FILE = "config.json"
@@ -25,6 +26,9 @@ CONFIG_FILE = "config.json"
 RESUMABLE_FIELDS = ("num_iterations", "log_every", "checkpoint_every", "max_to_keep",
                     "eval_every", "eval_prompts", "distributed", "mesh.", "param_sharding",
                     "final_eval.")
+# Fields added after workdirs were first written, with the value their absence stands for: a
+# saved config without one agrees with a config that holds that value, so older runs resume.
+ADDED_FIELDS = {"pen.expansions_per_prompt": 1, "pen.lora_targets": DEFAULT_LORA_TARGETS}
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -47,7 +51,8 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Check ``config`` against ``workdir/config.json`` if there is one: any difference outside
-    ``RESUMABLE_FIELDS`` raises ``IncompatibleWorkdirError`` listing the fields."""
+    ``RESUMABLE_FIELDS`` raises ``IncompatibleWorkdirError`` listing the fields (a field of
+    ``ADDED_FIELDS`` missing from the saved config counts as its stated value)."""
     path = Path(workdir) / CONFIG_FILE
     now = config_dict(config)
     if path.is_file():
@@ -56,7 +61,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
         except json.JSONDecodeError as e:
             raise IncompatibleWorkdirError(f"{path}: unreadable ({e}); use a new --workdir") from e
         a, b = _flat(saved), _flat(now)
-        diffs = [f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+        implied = {k: v for k, v in ADDED_FIELDS.items() if k in b and k not in a}
+        a.update(implied)
+        shown = lambda k: (f"<absent, meaning {a[k]!r}>" if k in implied  # noqa: E731
+                           else repr(a.get(k, "<absent>")))
+        diffs = [f"{k}: saved {shown(k)}, now {b.get(k, '<absent>')!r}"
                  for k in sorted(set(a) | set(b))
                  if a.get(k) != b.get(k)
                  and not any(k == f or (f.endswith(".") and k.startswith(f))
@@ -94,5 +103,5 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
     return restored.state, step
 
 
-__all__ = ["CONFIG_FILE", "IncompatibleWorkdirError", "check_workdir", "checkpoint_manager",
-           "config_dict", "restore_latest", "save", "write_config"]
+__all__ = ["ADDED_FIELDS", "CONFIG_FILE", "IncompatibleWorkdirError", "check_workdir",
+           "checkpoint_manager", "config_dict", "restore_latest", "save", "write_config"]

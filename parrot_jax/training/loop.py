@@ -73,7 +73,6 @@ from parrot_jax.expansion import (
     tokenize_prompts,
 )
 from parrot_jax.expansion import sample as pen_sample
-from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
 from parrot_jax.models.lora import LoRA, merge
 from parrot_jax.rl import (
     PEN_MODES,
@@ -185,17 +184,18 @@ def advantage_config(config: ml_collections.ConfigDict) -> AdvantageConfig:
 
 
 def pen_configs(config: ml_collections.ConfigDict) -> tuple[SamplingConfig, PENRLConfig]:
-    """``config.pen`` as the PEN's sampling and REINFORCE settings. Workdirs written before
-    ``pen.lora_targets`` existed trained the default targets, which is what its absence means."""
+    """``config.pen`` as the PEN's sampling and REINFORCE settings (a field missing from an
+    older workdir's config means its ``checkpoint.ADDED_FIELDS`` value)."""
     p = config.pen
     sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                               top_k=p.top_k, top_p=p.top_p)
-    e = expansions_per_prompt(config)
+    per_prompt = expansions_per_prompt(config)
     try:
         rl = PENRLConfig.preset(p.rl_preset, learning_rate=p.learning_rate,
                                 lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
-                                lora_targets=p.get("lora_targets", DEFAULT_LORA_TARGETS),
-                                expansions_per_prompt=e)
+                                lora_targets=p.get("lora_targets",
+                                                   checkpoint.ADDED_FIELDS["pen.lora_targets"]),
+                                expansions_per_prompt=per_prompt)
     except ValueError as e:
         raise ValueError(f"config.pen: {e}") from e
     return sampling, rl
@@ -204,7 +204,8 @@ def pen_configs(config: ml_collections.ConfigDict) -> tuple[SamplingConfig, PENR
 def expansions_per_prompt(config: ml_collections.ConfigDict) -> int:
     """``config.pen.expansions_per_prompt``, checked to divide ``num_groups``. Workdirs written
     before the field existed expanded every prompt once, which is what 1 means."""
-    e = config.pen.get("expansions_per_prompt", 1)
+    e = config.pen.get("expansions_per_prompt",
+                       checkpoint.ADDED_FIELDS["pen.expansions_per_prompt"])
     if not isinstance(e, int) or e <= 0 or config.num_groups % e:
         raise ValueError(f"config.pen.expansions_per_prompt={e!r} must be a positive int that "
                          f"divides num_groups={config.num_groups}")
