@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pen.learning_rate = 3e-3  # AdamW rate of the PEN's LoRA (one step per iteration)
     c.pen.lora_rank = 4  # PEN LoRA rank
     c.pen.lora_alpha = 4.0  # PEN LoRA scale numerator
+    # pen.lora_targets stays attention q / v, which barely moves the toy T5 in 20 steps even on
+    # a clean reward; PEN experiments should add the LM head (README: "The PEN does not learn")
     c.t2i.learning_rate = 3e-4  # cross-attention AdamW rate (the small model moves slowly at 1e-5)
     c.t2i.clip_range = 1e-4  # PPO ratio clip (paper)
     c.t2i.scan_unroll = 1  # trained timesteps per scan iteration
