@@ -154,6 +154,22 @@ def test_modifier_landscape_cli_on_a_toy_run(toy_smoke, capsys):
         assert np.all(np.isfinite(e.rewards)) and np.isfinite(e.own) and np.isfinite(e.equal)
 
 
+def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
+    """``python -m parrot_jax.conflict``: groups sampled as training samples them, one per
+    prompt and identifier; shares in [0, 1], correlations in [-1, 1] with a unit diagonal."""
+    from parrot_jax import conflict
+
+    workdir, _ = toy_smoke
+    c = conflict.main([str(workdir), "--prompts", "3", "--images", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith("12 groups of 4 images (untrained models)")  # 3 prompts x 4 ids
+    assert np.all((c.within_share > 0) & (c.within_share < 1))
+    for m in (c.within_corr, c.between_corr):
+        np.testing.assert_allclose(np.diag(m), 1.0)
+        assert np.all(np.abs(m) <= 1 + 1e-9)
+    assert 0.25 <= c.non_dominated <= 1.0  # at least one image of four survives per group
+
+
 def test_parrot_improves_the_toy_rewards(tmp_path):
     """The end-to-end check DESIGN.md §7 asks for: a short Parrot run on the toy world moves
     the held-out front out (hypervolume up), with paired noise against the base model. Measured

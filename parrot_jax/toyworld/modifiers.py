@@ -129,9 +129,8 @@ def landscape(workdir: str | Path, *, trained: bool = False, num_prompts: int = 
     """Sample and score ``num_prompts`` RL prompts x ``repeats`` expansions x K identifiers
     (one image each) with the run's untrained models, or with its latest checkpoint when
     ``trained``."""
-    from parrot_jax import evaluate
-    from parrot_jax.sample import RunError, load_runs, read_config
-    from parrot_jax.training.loop import load_prompts
+    from parrot_jax.as_trained import draw_rl_prompts, score_each_identifier
+    from parrot_jax.sample import RunError, read_config
 
     config = read_config(workdir)
     if not str(config.model.rewards).startswith("toy"):
@@ -139,24 +138,14 @@ def landscape(workdir: str | Path, *, trained: bool = False, num_prompts: int = 
                        "grammar is the toy world's, so this needs a toy-world run")
     if num_prompts <= 0 or repeats <= 0:
         raise RunError(f"--prompts {num_prompts} and --repeats {repeats} must be positive")
-    prompts = load_prompts(config)
-    chosen = np.random.default_rng(seed).choice(len(prompts), min(num_prompts, len(prompts)),
-                                                replace=False)
-    rows = [prompts[i] for i in chosen for _ in range(repeats)]
-    (loaded,) = load_runs(workdir, base=not trained, trained=trained)
-    names = list(loaded.models.rewards.names)
-    scores, expansions = [], []
-    try:
-        for k in range(len(names)):
-            scores.append(evaluate.score(
-                loaded, rows, identifiers=[k], w1=0.0, w2=float(config.sample.guidance_scale),
-                expand_prompt=True, greedy=False, num_images=1, seed=seed * len(names) + k,
-                batch_prompts=batch_prompts,
-                on_samples=lambda s: expansions.extend(s.expansions)))
-    finally:
-        loaded.models.rewards.close()
+    chosen, prompts = draw_rl_prompts(config, num_prompts, seed)
+    rows = [p for p in prompts for _ in range(repeats)]
+    expansions: list[str] = []
+    names, scores = score_each_identifier(
+        workdir, rows, trained=trained, num_images=1, seed=seed, batch_prompts=batch_prompts,
+        on_samples=lambda s: expansions.extend(s.expansions))
     return Landscape(
-        names=names, rewards=np.concatenate(scores),
+        names=names, rewards=scores.reshape(-1, len(names)),
         identifiers=np.repeat(np.arange(len(names)), len(rows)),
         prompt_ids=np.tile(np.repeat(chosen, repeats), len(names)),
         modifiers=[added_modifiers(p, e) for p, e in zip(rows * len(names), expansions)])
@@ -176,17 +165,14 @@ def markdown(names: Sequence[str], effects: Sequence[Effect], images: int) -> st
 
 def main(argv: Sequence[str] | None = None) -> list[Effect]:
     """Parse ``argv`` (without the program name), measure, print the markdown table."""
+    from parrot_jax.as_trained import add_run_arguments
     from parrot_jax.sample import RunError
 
     parser = argparse.ArgumentParser(prog="python -m parrot_jax.toyworld.modifiers",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdir", help="a toy-world training workdir (train.py's --workdir)")
-    parser.add_argument("--trained", action="store_true",
-                        help="the latest checkpoint instead of the untrained models")
-    parser.add_argument("--prompts", type=int, default=32, help="RL prompts drawn")
+    add_run_arguments(parser, "a toy-world training workdir (train.py's --workdir)")
     parser.add_argument("--repeats", type=int, default=4,
                         help="expansions per prompt and identifier (one image each)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt draw, PEN and noise seed")
     parser.add_argument("--min-count", type=int, default=8,
                         help="images a value must be in, and be absent from, to be measured")
     args = parser.parse_args(argv)

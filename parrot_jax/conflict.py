@@ -1,0 +1,126 @@
+"""Where the rewards conflict: ``python -m parrot_jax.conflict WORKDIR``.
+
+Parrot's T2I update compares the images of one group: one prompt, one expansion and one
+identifier, so only the diffusion noise differs. It weighs them by the group-normalised
+``r_k`` and zeroes the dominated ones. That differs from a weighted sum only where the rewards
+disagree *within* groups. Rewards that disagree only *between* prompts (a prompt that names a
+cold colour scores low on sentiment whatever the noise) give those comparisons nothing to
+trade. This tool samples groups as training does: a sampled expansion, one identifier, plain
+CFG, with every identifier in turn. It reports
+
+- each reward's share of its variance that lies within groups (the rest lies between them);
+- the rewards' correlations within groups (centred per group) and between groups (group means);
+- the mean share of non-dominated images in a group (Parrot's selection).
+
+It works on any run (toy, tiny or real); it reads the run's RL prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """``reward_conflict``'s statistics for K rewards."""
+
+    within_share: np.ndarray  # [K] within-group variance / total variance
+    within_corr: np.ndarray  # [K, K] correlations of the per-group-centred rewards
+    between_corr: np.ndarray  # [K, K] correlations of the group means
+    non_dominated: float  # mean share of each group's images that no other image dominates
+
+
+def _corr(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean(axis=0)
+    norm = np.sqrt((x ** 2).sum(axis=0))
+    return (x.T @ x) / np.outer(norm, norm)
+
+
+def reward_conflict(rewards: np.ndarray) -> Conflict:
+    """Statistics of rewards ``[G, N, K]`` (G groups of N images; module docstring).
+
+    Population variances: with equal groups, total = within + between exactly.
+    """
+    from parrot_jax.rl.pareto import grouped_non_dominated_mask
+
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 3 or r.shape[0] < 2 or r.shape[1] < 2:
+        raise ValueError(f"rewards must be [G, N, K] with G, N >= 2; got shape {r.shape}")
+    if not np.all(np.isfinite(r)):
+        bad = np.argwhere(~np.all(np.isfinite(r), axis=2))
+        raise ValueError(f"non-finite rewards at (group, image) {bad[:8].tolist()}")
+    k = r.shape[2]
+    centred = (r - r.mean(axis=1, keepdims=True)).reshape(-1, k)
+    means = r.mean(axis=1)
+    within, between = centred.var(axis=0), means.var(axis=0)
+    flat = [j for j in range(k) if within[j] == 0 or between[j] == 0]
+    if flat:
+        raise ValueError(f"reward columns {flat} do not vary within or between groups, so "
+                         "their correlations are undefined")
+    mask = np.asarray(grouped_non_dominated_mask(r))
+    return Conflict(within_share=within / (within + between), within_corr=_corr(centred),
+                    between_corr=_corr(means), non_dominated=float(mask.mean()))
+
+
+def sample_groups(workdir: str | Path, *, trained: bool = False, num_prompts: int = 32,
+                  images: int = 8, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``(reward names, rewards [K * P, images, K])``: ``num_prompts`` RL prompts x every
+    identifier, a group of ``images`` each, from the run's untrained models or (``trained``)
+    its latest checkpoint."""
+    from parrot_jax.as_trained import draw_rl_prompts, score_each_identifier
+    from parrot_jax.sample import RunError, read_config
+
+    config = read_config(workdir)
+    if num_prompts < 2 or images < 2:
+        raise RunError(f"--prompts {num_prompts} and --images {images}: at least 2 each")
+    _, prompts = draw_rl_prompts(config, num_prompts, seed)
+    names, scores = score_each_identifier(workdir, prompts, trained=trained,
+                                          num_images=images, seed=seed)
+    return names, scores.reshape(-1, images, len(names))
+
+
+def markdown(names: Sequence[str], c: Conflict) -> str:
+    """The variance shares, then one correlation table: within groups above the diagonal,
+    between groups below it."""
+    head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    out = head + "| within-group share of variance | " + " | ".join(
+        f"{s:.2f}" for s in c.within_share) + " |\n\n"
+    out += ("Correlations: within groups above the diagonal, between groups below it.\n\n"
+            + head)
+    for i, name in enumerate(names):
+        cells = ["1" if i == j else f"{(c.within_corr if j > i else c.between_corr)[i, j]:+.2f}"
+                 for j in range(len(names))]
+        out += f"| {name} | " + " | ".join(cells) + " |\n"
+    return out + f"\nNon-dominated share of a group: {c.non_dominated:.2f}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> Conflict:
+    """Parse ``argv`` (without the program name), sample, print the tables."""
+    from parrot_jax.as_trained import add_run_arguments
+    from parrot_jax.sample import RunError
+
+    parser = argparse.ArgumentParser(prog="python -m parrot_jax.conflict",
+                                     description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, "a training workdir (train.py's --workdir)")
+    parser.add_argument("--images", type=int, default=8, help="images per group")
+    args = parser.parse_args(argv)
+    try:
+        names, rewards = sample_groups(args.workdir, trained=args.trained,
+                                       num_prompts=args.prompts, images=args.images,
+                                       seed=args.seed)
+        c = reward_conflict(rewards)
+    except (RunError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"{rewards.shape[0]} groups of {rewards.shape[1]} images "
+          f"({'trained' if args.trained else 'untrained'} models)\n")
+    print(markdown(names, c), end="")
+    return c
+
+
+if __name__ == "__main__":
+    main()
