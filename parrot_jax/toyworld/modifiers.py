@@ -120,6 +120,7 @@ class Landscape:
     modifiers: list[dict[str, str]]
 
     def effects(self, min_count: int = 8) -> list[Effect]:
+        """``modifier_effects`` of these samples."""
         return modifier_effects(self.rewards, self.identifiers, self.prompt_ids,
                                 self.modifiers, min_count=min_count)
 
