@@ -10,7 +10,10 @@ CFG, with every identifier in turn. It reports
 
 - each reward's share of its variance that lies within groups (the rest lies between them);
 - the rewards' correlations within groups (centred per group) and between groups (group means);
-- the mean share of non-dominated images in a group (Parrot's selection).
+- the mean share of non-dominated images in a group (Parrot's selection);
+- with ``--oracle`` (toy-world runs), the same split for each pixel-oracle metric (position,
+  size, hue error, ...), and its within-group correlation with each reward: which image
+  properties the noise varies, and which of them the rewards respond to.
 
 It works on any run (toy, tiny or real); it reads the run's RL prompts.
 """
@@ -41,6 +44,35 @@ def _corr(x: np.ndarray) -> np.ndarray:
     return (x.T @ x) / np.outer(norm, norm)
 
 
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x [G, N, ...]`` -> (per-group-centred values ``[G * N, ...]``, group means
+    ``[G, ...]``)."""
+    return (x - x.mean(axis=1, keepdims=True)).reshape(-1, *x.shape[2:]), x.mean(axis=1)
+
+
+def metric_conflict(metrics: dict[str, np.ndarray], rewards: np.ndarray
+                    ) -> dict[str, tuple[float, np.ndarray]]:
+    """Per metric ``[G, N]`` measured on the images of rewards ``[G, N, K]``: ``(within-group
+    share of its variance, [K] within-group correlations with each reward)``. A metric
+    constant within every group has no correlation: NaN (``markdown`` says so)."""
+    r = np.asarray(rewards, np.float64)
+    centred_r, _ = _split(r)
+    out = {}
+    for name, values in metrics.items():
+        v = np.asarray(values, np.float64)
+        if v.shape != r.shape[:2]:
+            raise ValueError(f"metric {name!r} has shape {v.shape}, rewards {r.shape[:2]}")
+        centred, means = _split(v)
+        within, total = centred.var(), centred.var() + means.var()
+        share = within / total if total > 0 else float("nan")
+        if within == 0:
+            out[name] = (share, np.full(r.shape[2], np.nan))
+            continue
+        corr = _corr(np.concatenate([centred[:, None], centred_r], axis=1))[0, 1:]
+        out[name] = (float(share), corr)
+    return out
+
+
 def reward_conflict(rewards: np.ndarray) -> Conflict:
     """Statistics of rewards ``[G, N, K]`` (G groups of N images; module docstring).
 
@@ -55,8 +87,7 @@ def reward_conflict(rewards: np.ndarray) -> Conflict:
         bad = np.argwhere(~np.all(np.isfinite(r), axis=2))
         raise ValueError(f"non-finite rewards at (group, image) {bad[:8].tolist()}")
     k = r.shape[2]
-    centred = (r - r.mean(axis=1, keepdims=True)).reshape(-1, k)
-    means = r.mean(axis=1)
+    centred, means = _split(r)
     within, between = centred.var(axis=0), means.var(axis=0)
     flat = [j for j in range(k) if within[j] == 0 or between[j] == 0]
     if flat:
@@ -68,20 +99,34 @@ def reward_conflict(rewards: np.ndarray) -> Conflict:
 
 
 def sample_groups(workdir: str | Path, *, trained: bool = False, num_prompts: int = 32,
-                  images: int = 8, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """``(reward names, rewards [K * P, images, K])``: ``num_prompts`` RL prompts x every
-    identifier, a group of ``images`` each, from the run's untrained models or (``trained``)
-    its latest checkpoint."""
+                  images: int = 8, seed: int = 0, oracle: bool = False
+                  ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray] | None]:
+    """``(reward names, rewards [K * P, images, K], oracle)``: ``num_prompts`` RL prompts x
+    every identifier, a group of ``images`` each, from the run's untrained models or
+    (``trained``) its latest checkpoint; ``oracle`` (toy-world runs): the pixel oracle's
+    metrics of the same images, each ``[K * P, images]``, else None."""
     from parrot_jax.as_trained import draw_rl_prompts, score_each_identifier
     from parrot_jax.sample import RunError, read_config
 
     config = read_config(workdir)
     if num_prompts < 2 or images < 2:
         raise RunError(f"--prompts {num_prompts} and --images {images}: at least 2 each")
+    if oracle and not str(config.model.rewards).startswith("toy"):
+        raise RunError(f"--oracle: {workdir} has model.rewards={config.model.rewards!r}; the "
+                       "pixel oracle measures toy-world images only")
     _, prompts = draw_rl_prompts(config, num_prompts, seed)
-    names, scores = score_each_identifier(workdir, prompts, trained=trained,
-                                          num_images=images, seed=seed)
-    return names, scores.reshape(-1, images, len(names))
+    pictures: list[np.ndarray] = []
+    names, scores = score_each_identifier(
+        workdir, prompts, trained=trained, num_images=images, seed=seed,
+        on_samples=(lambda s: pictures.append(s.images)) if oracle else None)
+    metrics = None
+    if oracle:
+        from parrot_jax.toyworld.oracle import oracle_metrics
+
+        per_image = [p for p in prompts for _ in range(images)] * len(names)
+        metrics = {k: np.asarray(v).reshape(-1, images)
+                   for k, v in oracle_metrics(np.concatenate(pictures), per_image).items()}
+    return names, scores.reshape(-1, images, len(names)), metrics
 
 
 def markdown(names: Sequence[str], c: Conflict) -> str:
@@ -99,6 +144,18 @@ def markdown(names: Sequence[str], c: Conflict) -> str:
     return out + f"\nNon-dominated share of a group: {c.non_dominated:.2f}\n"
 
 
+def metric_markdown(names: Sequence[str], stats: dict[str, tuple[float, np.ndarray]]) -> str:
+    """A row per metric: its within-group share of variance and its within-group correlation
+    with each reward."""
+    out = ("Each metric's within-group share of variance, then its within-group correlation "
+           "with each reward.\n\n| metric | within-group share | " + " | ".join(names)
+           + " |\n|---|---|" + "---|" * len(names) + "\n")
+    for metric, (share, corr) in stats.items():
+        cells = ["n/a (constant in every group)" if np.isnan(c) else f"{c:+.2f}" for c in corr]
+        out += f"| {metric} | {share:.2f} | " + " | ".join(cells) + " |\n"
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> Conflict:
     """Parse ``argv`` (without the program name), sample, print the tables."""
     from parrot_jax.as_trained import add_run_arguments
@@ -108,17 +165,22 @@ def main(argv: Sequence[str] | None = None) -> Conflict:
                                      description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, "a training workdir (train.py's --workdir)")
     parser.add_argument("--images", type=int, default=8, help="images per group")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also split the toy world's pixel-oracle metrics (toy runs only)")
     args = parser.parse_args(argv)
     try:
-        names, rewards = sample_groups(args.workdir, trained=args.trained,
-                                       num_prompts=args.prompts, images=args.images,
-                                       seed=args.seed)
+        names, rewards, metrics = sample_groups(
+            args.workdir, trained=args.trained, num_prompts=args.prompts, images=args.images,
+            seed=args.seed, oracle=args.oracle)
         c = reward_conflict(rewards)
     except (RunError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{rewards.shape[0]} groups of {rewards.shape[1]} images "
           f"({'trained' if args.trained else 'untrained'} models)\n")
     print(markdown(names, c), end="")
+    if metrics is not None:
+        print("\nPixel oracle:\n\n" + metric_markdown(names, metric_conflict(metrics, rewards)),
+              end="")
     return c
 
 

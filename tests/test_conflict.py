@@ -36,6 +36,25 @@ def test_markdown_puts_within_above_and_between_below_the_diagonal():
     assert text.rstrip().endswith("Non-dominated share of a group: 1.00")
 
 
+def test_metric_split_and_correlations():
+    # The same two groups; metric m follows reward 0 inside groups (+1 / -1) around group
+    # means 10 and 13: within variance 1, between 2.25 -> share 1 / 3.25; within-group
+    # correlation +1 with reward 0, -1 with reward 1. A metric constant inside every group has
+    # no correlation.
+    r = np.array([[[1.0, -1.0], [-1.0, 1.0]], [[3.0, 3.0], [1.0, 5.0]]])
+    stats = conflict.metric_conflict({"m": np.array([[11.0, 9.0], [14.0, 12.0]]),
+                                      "flat": np.array([[1.0, 1.0], [2.0, 2.0]])}, r)
+    share, corr = stats["m"]
+    assert share == pytest.approx(1 / 3.25)
+    np.testing.assert_allclose(corr, [1.0, -1.0], atol=1e-12)
+    assert stats["flat"][0] == 0.0 and np.all(np.isnan(stats["flat"][1]))
+    text = conflict.metric_markdown(["a", "b"], stats)
+    assert "| m | 0.31 | +1.00 | -1.00 |" in text
+    assert "| flat | 0.00 | n/a (constant in every group) |" in text
+    with pytest.raises(ValueError, match=r"metric 'm' has shape \(3,\)"):
+        conflict.metric_conflict({"m": np.zeros(3)}, r)
+
+
 def test_bad_input_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"\[G, N, K\] with G, N >= 2"):
         conflict.reward_conflict(np.zeros((4, 2)))
@@ -52,3 +71,8 @@ def test_bad_input_is_refused(tmp_path, capsys):
         conflict.main([str(tmp_path), "--images", "1"])
     assert exit_info.value.code == 2
     assert "--images 1: at least 2" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"rewards": "parrot"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        conflict.main([str(tmp_path), "--oracle"])
+    assert exit_info.value.code == 2
+    assert "--oracle: " in capsys.readouterr().err

@@ -155,14 +155,20 @@ def test_modifier_landscape_cli_on_a_toy_run(toy_smoke, capsys):
 
 
 def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
-    """``python -m parrot_jax.conflict``: groups sampled as training samples them, one per
-    prompt and identifier; shares in [0, 1], correlations in [-1, 1] with a unit diagonal."""
+    """``python -m parrot_jax.conflict --oracle``: groups sampled as training samples them, one
+    per prompt and identifier; shares in [0, 1], correlations in [-1, 1] with a unit diagonal;
+    a row per pixel-oracle metric."""
     from parrot_jax import conflict
 
     workdir, _ = toy_smoke
-    c = conflict.main([str(workdir), "--prompts", "3", "--images", "4"])
+    c = conflict.main([str(workdir), "--prompts", "3", "--images", "4", "--oracle"])
     out = capsys.readouterr().out
     assert out.startswith("12 groups of 4 images (untrained models)")  # 3 prompts x 4 ids
+    oracle_rows = [line for line in out.splitlines()[out.splitlines().index("Pixel oracle:"):]
+                   if line.startswith("| ") and not line.startswith("| metric")]
+    assert [row.split(" | ")[0][2:] for row in oracle_rows] == [
+        "contrast", "saturation", "hue_error", "shape_iou", "area", "centroid_offset",
+        "sharpness"]
     assert np.all((c.within_share > 0) & (c.within_share < 1))
     for m in (c.within_corr, c.between_corr):
         np.testing.assert_allclose(np.diag(m), 1.0)
