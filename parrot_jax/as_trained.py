@@ -26,6 +26,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> Non
     parser.add_argument("--seed", type=int, default=0, help="prompt draw, PEN and noise seed")
 
 
+def require_toy_run(config: Any, workdir: str | Path, what: str) -> None:
+    """Raise ``RunError`` unless the run scored toy-world rewards (``model.rewards`` 'toy' or
+    'toy:<folder>'); ``what`` says what needs the toy world."""
+    from parrot_jax.sample import RunError
+
+    if not str(config.model.rewards).startswith("toy"):
+        raise RunError(f"{what}: {workdir} has model.rewards={config.model.rewards!r}; this "
+                       "needs a toy-world run")
+
+
 def draw_rl_prompts(config: Any, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """``(indices, prompts)``: ``count`` distinct RL prompts of the run (all, if it has fewer),
     drawn with ``seed``."""

@@ -105,15 +105,14 @@ def sample_groups(workdir: str | Path, *, trained: bool = False, num_prompts: in
     every identifier, a group of ``images`` each, from the run's untrained models or
     (``trained``) its latest checkpoint; ``oracle`` (toy-world runs): the pixel oracle's
     metrics of the same images, each ``[K * P, images]``, else None."""
-    from parrot_jax.as_trained import draw_rl_prompts, score_each_identifier
+    from parrot_jax.as_trained import draw_rl_prompts, require_toy_run, score_each_identifier
     from parrot_jax.sample import RunError, read_config
 
     config = read_config(workdir)
     if num_prompts < 2 or images < 2:
         raise RunError(f"--prompts {num_prompts} and --images {images}: at least 2 each")
-    if oracle and not str(config.model.rewards).startswith("toy"):
-        raise RunError(f"--oracle: {workdir} has model.rewards={config.model.rewards!r}; the "
-                       "pixel oracle measures toy-world images only")
+    if oracle:
+        require_toy_run(config, workdir, "--oracle")
     _, prompts = draw_rl_prompts(config, num_prompts, seed)
     pictures: list[np.ndarray] = []
     names, scores = score_each_identifier(

@@ -189,9 +189,16 @@ def generate(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence
                                          m.context_length)
         except ValueError as e:  # the identifiers alone do not fit the context
             raise RunError(f"--identifiers: {e}") from e
-        branches = np.stack([np.broadcast_to(null, original.shape), original,
-                             cond["input_ids"]], axis=1)
-        guidance, conditions = PromptCentredGuidance(w1, w2), cond["texts"]
+        conditions = cond["texts"]
+        if w1 == 0:  # Eq. 5 without the original prompt is CFG on the expansion: one UNet
+            # branch fewer (the plain-guidance ablation and the as-trained diagnostics)
+            branches = np.stack([np.broadcast_to(null, original.shape), cond["input_ids"]],
+                                axis=1)
+            guidance = CFG(w2)
+        else:
+            branches = np.stack([np.broadcast_to(null, original.shape), original,
+                                 cond["input_ids"]], axis=1)
+            guidance = PromptCentredGuidance(w1, w2)
     else:
         expansions = [""] * len(prompts)
         branches = np.stack([np.broadcast_to(null, original.shape), original], axis=1)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from parrot_jax import evaluate, sample
 from parrot_jax.data.promptist import read_prompts
+from parrot_jax.diffusion.guidance import PromptCentredGuidance
 from parrot_jax.training import train_and_evaluate
 from parrot_jax.training.final_eval import table as final_table
 from parrot_jax.training.metrics import front_hypervolume
@@ -98,6 +99,28 @@ def test_w2_zero_is_plain_cfg_on_the_prompt(workdir):
     assert cfg.conditions == [PROMPT] and cfg.expansions == [""]
     np.testing.assert_allclose(centred.images, cfg.images, atol=1e-5)
     assert np.abs(full.images - cfg.images).max() > 1e-3  # the expansion does matter
+
+
+def test_w1_zero_skips_the_original_branch_exactly(workdir):
+    """``w1 = 0`` runs CFG(w2) on (null, expansion) instead of Eq. 5's three branches; the
+    result equals Eq. 5 computed with all three."""
+    loaded = sample.load_runs(workdir)[0]
+    try:
+        short = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=0.0, w2=5.0,
+                                num_images=2, seed=1)
+        m = loaded.models
+        null = sample._clip_ids(m, [""], "null prompt")[0]
+        original = sample._clip_ids(m, [PROMPT], "prompt")
+        expanded = sample._clip_ids(m, short.conditions, "conditioning")
+        branches = np.stack([np.broadcast_to(null, original.shape), original, expanded], axis=1)
+        key_images = jax.random.split(jax.random.key(1))[1]
+        three = sample._images(m.unet, m.text_encoder, m.vae, 2, m.latent_shape,
+                               float(loaded.config.sample.eta), m.scaling_factor,
+                               loaded.unet_params, m.text_params, m.vae_params, m.schedule,
+                               PromptCentredGuidance(0.0, 5.0), branches, key_images)
+    finally:
+        loaded.models.rewards.close()
+    np.testing.assert_allclose(short.images, np.asarray(three), atol=1e-5)
 
 
 def test_base_differs_from_the_checkpoint(workdir, tmp_path):

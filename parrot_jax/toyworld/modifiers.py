@@ -130,13 +130,11 @@ def landscape(workdir: str | Path, *, trained: bool = False, num_prompts: int = 
     """Sample and score ``num_prompts`` RL prompts x ``repeats`` expansions x K identifiers
     (one image each) with the run's untrained models, or with its latest checkpoint when
     ``trained``."""
-    from parrot_jax.as_trained import draw_rl_prompts, score_each_identifier
+    from parrot_jax.as_trained import draw_rl_prompts, require_toy_run, score_each_identifier
     from parrot_jax.sample import RunError, read_config
 
     config = read_config(workdir)
-    if not str(config.model.rewards).startswith("toy"):
-        raise RunError(f"{workdir}: model.rewards={config.model.rewards!r}; the modifier "
-                       "grammar is the toy world's, so this needs a toy-world run")
+    require_toy_run(config, workdir, "the modifier grammar (toy world only)")
     if num_prompts <= 0 or repeats <= 0:
         raise RunError(f"--prompts {num_prompts} and --repeats {repeats} must be positive")
     chosen, prompts = draw_rl_prompts(config, num_prompts, seed)
