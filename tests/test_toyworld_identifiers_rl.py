@@ -67,7 +67,7 @@ def _config(seed: int = 0):
     c.sample.num_steps = 10
     c.t2i.learning_rate = 3e-3
     c.pen.train = False
-    c.advantage.weights = (0.5, 0.5)
+    c.advantage.weights = (0.5, 0.5)  # one weight per reward (two here; unused by Parrot)
     return c
 
 
