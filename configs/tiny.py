@@ -131,6 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.t2i.train = True  # update the UNet (False: frozen T2I model)
     c.t2i.trainable = "cross_attention"  # 'cross_attention' (paper), 'all' or 'lora'
     c.t2i.learning_rate = 1e-5  # AdamW rate (paper: 1e-5)
+    c.t2i.warmup_steps = 0  # optimiser steps (num_minibatches per iteration) of linear warm-up
+    # of the rate from 0; 0: constant (paper, DDPO)
     c.t2i.weight_decay = 1e-4  # AdamW decoupled weight decay
     c.t2i.max_grad_norm = 1.0  # global-norm gradient clip
     c.t2i.clip_range = 1e-4  # PPO ratio clip (paper: 1e-4)

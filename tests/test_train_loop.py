@@ -118,7 +118,8 @@ def test_a_workdir_from_before_an_added_field_resumes(tmp_path):
     config = tiny_config("smoke")
     saved = checkpoint.config_dict(config)
     for field in checkpoint.ADDED_FIELDS:
-        del saved["pen"][field.split(".")[1]]
+        section, name = field.split(".")
+        del saved[section][name]
     (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
     checkpoint.check_workdir(config, tmp_path)  # the defaults: accepted
     config.pen.lora_targets = "lm_head/kernel$"

@@ -28,7 +28,8 @@ RESUMABLE_FIELDS = ("num_iterations", "log_every", "checkpoint_every", "max_to_k
                     "final_eval.")
 # Fields added after workdirs were first written, with the value their absence stands for: a
 # saved config without one agrees with a config that holds that value, so older runs resume.
-ADDED_FIELDS = {"pen.expansions_per_prompt": 1, "pen.lora_targets": DEFAULT_LORA_TARGETS}
+ADDED_FIELDS = {"pen.expansions_per_prompt": 1, "pen.lora_targets": DEFAULT_LORA_TARGETS,
+                "t2i.warmup_steps": 0}
 
 
 class IncompatibleWorkdirError(ValueError):

@@ -110,7 +110,7 @@ KNOWN_FIELDS = (
     "identifiers", "advantage.mode", "advantage.pareto", "advantage.selection",
     "advantage.stats", "advantage.weights", "advantage.reward_index", "advantage.adv_clip",
     "advantage.tracker_capacity", "advantage.tracker_buffer", "advantage.tracker_min_count",
-    "t2i.train", "t2i.trainable", "t2i.learning_rate", "t2i.weight_decay",
+    "t2i.train", "t2i.trainable", "t2i.learning_rate", "t2i.warmup_steps", "t2i.weight_decay",
     "t2i.max_grad_norm", "t2i.clip_range", "t2i.timestep_fraction", "t2i.scan_unroll",
     "hypervolume_reference",
     "log_every", "checkpoint_every", "max_to_keep", "eval_every", "eval_prompts",
@@ -169,7 +169,12 @@ def derived_sizes(config: ml_collections.ConfigDict, devices: int) -> Sizes:
 
 def t2i_update_config(config: ml_collections.ConfigDict) -> T2IUpdateConfig:
     t = config.t2i
+    warmup = t.get("warmup_steps", checkpoint.ADDED_FIELDS["t2i.warmup_steps"])
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"config.t2i.warmup_steps={warmup!r}: a non-negative integer "
+                         "(optimiser steps; 0: no warm-up)")
     return T2IUpdateConfig(trainable=t.trainable, learning_rate=t.learning_rate,
+                           warmup_steps=warmup,
                            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                            clip_range=t.clip_range, timestep_fraction=t.timestep_fraction,
                            scan_unroll=t.scan_unroll, eta=config.sample.eta,

@@ -50,6 +50,7 @@ class T2IUpdateConfig:
     lora_rank: int = 4  # trainable='lora': rank of the factors
     lora_alpha: float = 4.0  # trainable='lora': scale numerator (delta = alpha / rank * A @ B)
     learning_rate: float = 1e-5  # AdamW step size
+    warmup_steps: int = 0  # optimiser steps of linear warm-up of the rate from 0 (0: constant)
     b1: float = 0.9  # AdamW first-moment decay
     b2: float = 0.999  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
@@ -141,8 +142,8 @@ def merged_params(trainable: Any, frozen: Any) -> Any:
 
 
 def make_optimizer(config: T2IUpdateConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW."""
-    return clipped_adamw(config)
+    """Global-norm clipping then AdamW (with ``config.warmup_steps`` of linear warm-up)."""
+    return clipped_adamw(config, config.warmup_steps)
 
 
 def state_shardings(state_shape: T2ITrainState, mesh: Mesh,
