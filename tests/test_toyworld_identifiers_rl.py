@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
+from parrot_jax.rewards import HostReward, RewardSet
 from parrot_jax.toyworld import table
 from parrot_jax.training import loop
 
@@ -32,31 +33,15 @@ ITERATIONS = 24
 PROBES = 16  # RL prompts the identifiers are compared on, 8 images each
 
 
-class _Ready:
-    def __init__(self, value):
-        self.value = value
+class Brightness(HostReward):
+    """``sign`` x the mean brightness of each image (a host reward of the real ``RewardSet``)."""
 
-    def result(self):
-        return self.value
+    def __init__(self, name: str, sign: float):
+        super().__init__(workers=1)
+        self.name, self.sign = name, sign
 
-
-class Brightness:
-    """Two rewards, ``sign`` x (mean brightness, -mean brightness), in ``RewardSet``'s calls."""
-
-    names = ("bright", "dark")
-
-    def __init__(self, sign: float):
-        self.sign = sign
-
-    def inputs(self, images, prompts, conditions):
-        return images
-
-    def submit(self, images):
-        b = self.sign * jnp.mean(images, axis=(1, 2, 3))
-        return _Ready(jnp.stack([b, -b], axis=1))
-
-    def close(self):
-        pass
+    def compute(self, images: np.ndarray) -> np.ndarray:
+        return self.sign * images.mean(axis=(1, 2, 3))
 
 
 def _config(seed: int = 0):
@@ -86,14 +71,17 @@ def _brightness(run, state, probes) -> np.ndarray:
 def _train(tmp_path, sign: float) -> tuple[np.ndarray, np.ndarray]:
     run, state = loop.setup(_config(), tmp_path)
     run.models.rewards.close()
-    run.models.rewards = Brightness(sign)
+    run.models.rewards = RewardSet([Brightness("bright", sign), Brightness("dark", -sign)])
     rng = np.random.default_rng(123)
     probes = [run.prompts[i] for i in rng.choice(len(run.prompts), PROBES, replace=False)]
     before = _brightness(run, state, probes)
-    for _ in range(ITERATIONS):
-        state, _, _, selected = loop.parrot_iteration(run, state)
-        # The two rewards are exact opposites, so no sample dominates another.
-        assert bool(np.all(np.asarray(selected)))
+    try:
+        for _ in range(ITERATIONS):
+            state, _, _, selected = loop.parrot_iteration(run, state)
+            # The two rewards are exact opposites, so no sample dominates another.
+            assert bool(np.all(np.asarray(selected)))
+    finally:
+        run.models.rewards.close()
     return before, _brightness(run, state, probes)
 
 
