@@ -502,7 +502,14 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
         new["t2i"] = {"step": t2i.step, "trainable": t2i.trainable, "opt_state": t2i.opt_state}
         for name in ("loss", "approx_kl", "clipfrac", "grad_norm"):
             metrics[f"t2i/{name}"] = jnp.mean(jnp.stack([s[name] for s in steps]))
+        # The first minibatch is scored by the policy that sampled it, so its ratios differ from
+        # 1 only by numerics: how far the recomputed log-probs stray from the rollout's. Where
+        # that exceeds the clip range, clipfrac_first > 0. Suspect reduced-precision float32
+        # matmuls first (JAX's default: TF32 on recent GPUs, bfloat16 passes on TPU);
+        # JAX_DEFAULT_MATMUL_PRECISION=highest asks for full float32 ones.
         metrics["t2i/ratio_first"] = steps[0]["ratio"]
+        metrics["t2i/clipfrac_first"] = steps[0]["clipfrac"]
+        metrics["t2i/approx_kl_first"] = steps[0]["approx_kl"]
         mark("t2i_update", t2i)
     # 8. PEN update: REINFORCE with each group's mean selected reward
     if c.pen.train:
