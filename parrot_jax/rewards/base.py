@@ -111,6 +111,12 @@ class HostReward(abc.ABC):
 
     def submit(self, images: Any) -> concurrent.futures.Future:
         """Start ``compute`` on the pool; returns immediately. ``images``: any array type."""
+        if isinstance(images, jax.Array):
+            # jaxlib (0.10) builds a sharded array's per-device shard list lazily on first
+            # use, running Python per shard, so a thread that reads it mid-build sees only some
+            # shards (``device_get`` then fails with IndexError). Build it here, on the calling
+            # thread, before any worker can read it; this does not wait for the device.
+            images.addressable_shards  # noqa: B018
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
