@@ -44,6 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed = False  # call jax.distributed.initialize() first (every worker of a pod)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # device mesh; -1 = the rest
     c.param_sharding = "replicate"  # T2I state: 'replicate' or 'fsdp' (large tensors over fsdp)
+    c.matmul_precision = "highest"  # float32 matmuls / convolutions on accelerators (CPUs are
+    # always float32): 'highest' keeps the update's recomputed log-probs equal to the rollout's
+    # well inside the 1e-4 ratio clip; JAX's 'default' (one bfloat16 pass on TPU, TF32 on GPU)
+    # is faster, but emulated on a CPU it put half (TF32) to 93% (bfloat16) of the ratios
+    # outside the clip before any update (README). Float32 operands only: model.dtype=
+    # 'bfloat16' activations make bfloat16 matmuls either way.
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = "tiny"  # diffusers SD pipeline folder / hub id (unet, vae, text_encoder,

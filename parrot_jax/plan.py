@@ -263,8 +263,14 @@ class Plan:
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
          hbm: int) -> Plan:
-    """Compile the iteration's programs for ``devices`` (see the module docstring)."""
+    """Compile the iteration's programs for ``devices`` (see the module docstring), under
+    ``config.matmul_precision`` as training compiles them."""
     loop.check_fields(config)
+    with loop.matmul_precision(config):
+        return _plan(config, devices, hbm)
+
+
+def _plan(config: ml_collections.ConfigDict, devices: Sequence[Any], hbm: int) -> Plan:
     mesh = parallel.make_mesh(dict(config.mesh), devices)
     sizes = loop.derived_sizes(config, mesh.size)
     update = loop.t2i_update_config(config)

@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from parrot_jax.data.promptist import DatasetError
-from parrot_jax.training import train_and_evaluate
+from parrot_jax.training import loop, train_and_evaluate
 from parrot_jax.training.checkpoint import IncompatibleWorkdirError
 from parrot_jax.training.loop import (
     advantage_config,
@@ -50,9 +51,19 @@ def _no_timings(records):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke run, recording the matmul precision each iteration was traced under."""
     workdir = tmp_path_factory.mktemp("smoke")
-    result = train_and_evaluate(tiny_config("smoke"), workdir)
-    return workdir, result
+    seen = []
+    iteration = loop.parrot_iteration
+
+    def spy(*args, **kwargs):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return iteration(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "parrot_iteration", spy)
+        result = train_and_evaluate(tiny_config("smoke"), workdir)
+    return workdir, {**result, "precisions": seen}
 
 
 def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
@@ -71,6 +82,9 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
         assert r["pareto/hypervolume"] >= 0
     assert "perf/samples_per_sec" in records[-1] and "perf/iteration_seconds" in records[-1]
     assert result["step"] == 2 and not result["preempted"]
+    # configs/tiny.py's matmul_precision, for every iteration and only inside the run.
+    assert result["precisions"] == ["highest", "highest"]
+    assert jax.config.jax_default_matmul_precision is None
     assert (workdir / "checkpoints" / "2").is_dir()
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["num_iterations"] == 2 and saved["advantage"]["mode"] == "paper"
@@ -121,8 +135,11 @@ def test_a_workdir_from_before_an_added_field_resumes(tmp_path):
     config = tiny_config("smoke")
     saved = checkpoint.config_dict(config)
     for field in checkpoint.ADDED_FIELDS:
-        section, name = field.split(".")
-        del saved[section][name]
+        *parents, name = field.split(".")
+        section = saved
+        for p in parents:
+            section = section[p]
+        del section[name]
     (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
     checkpoint.check_workdir(config, tmp_path)  # the defaults: accepted
     config.pen.lora_targets = "lm_head/kernel$"
@@ -175,6 +192,12 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config\.pen\.lora_targets: .*match no kernel"):
         train_and_evaluate(config, tmp_path / "g")
     assert not (tmp_path / "g" / "config.json").exists()
+
+    config = tiny_config("smoke")
+    config.matmul_precision = "fast"
+    with pytest.raises(ValueError, match=r"config\.matmul_precision='fast'; one of"):
+        train_and_evaluate(config, tmp_path / "h")
+    assert not (tmp_path / "h").exists()
 
 
 def test_pen_lora_targets_reach_the_reinforce_config():

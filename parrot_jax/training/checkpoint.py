@@ -22,10 +22,11 @@ from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
 from parrot_jax.training.pen_sft import checkpoint_manager
 
 CONFIG_FILE = "config.json"
-# Fields that may change between runs in one workdir: they change neither shapes nor semantics.
+# Fields that may change between runs in one workdir: they change neither shapes nor semantics
+# (the mesh, the sharding and the matmul precision change rounding only).
 RESUMABLE_FIELDS = ("num_iterations", "log_every", "checkpoint_every", "max_to_keep",
                     "eval_every", "eval_prompts", "distributed", "mesh.", "param_sharding",
-                    "final_eval.")
+                    "matmul_precision", "final_eval.")
 # Fields added after workdirs were first written, with the value their absence stands for: a
 # saved config without one agrees with a config that holds that value, so older runs resume.
 ADDED_FIELDS = {"pen.expansions_per_prompt": 1, "pen.lora_targets": DEFAULT_LORA_TARGETS,

@@ -112,7 +112,7 @@ KNOWN_FIELDS = (
     "advantage.tracker_capacity", "advantage.tracker_buffer", "advantage.tracker_min_count",
     "t2i.train", "t2i.trainable", "t2i.learning_rate", "t2i.warmup_steps", "t2i.weight_decay",
     "t2i.max_grad_norm", "t2i.clip_range", "t2i.timestep_fraction", "t2i.scan_unroll",
-    "hypervolume_reference",
+    "hypervolume_reference", "matmul_precision",
     "log_every", "checkpoint_every", "max_to_keep", "eval_every", "eval_prompts",
     "final_eval.",
 )
@@ -130,6 +130,24 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}: the Parrot loop does not read "
                          "them (a typo?)")
+
+
+# jax.default_matmul_precision's names for float32 matmuls and convolutions on accelerators
+# (CPUs compute float32 whatever the setting): 'default' is one bfloat16 pass on a TPU and TF32
+# on recent GPUs; 'highest' is float32; 'high' and the explicit names lie between.
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+def matmul_precision(config: ml_collections.ConfigDict) -> Any:
+    """A context that compiles everything inside with ``config.matmul_precision``.
+
+    The PPO ratio compares the update's recomputed log-probs with the rollout's: two programs
+    that XLA fuses differently, so reduced-precision float32 matmuls make the ratio at the
+    sampling policy differ from 1 by more than the clip range (``t2i/clipfrac_first``)."""
+    value = config.get("matmul_precision", "default")
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"config.matmul_precision={value!r}; one of {MATMUL_PRECISIONS}")
+    return jax.default_matmul_precision(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,9 +522,9 @@ def parrot_iteration(run: Run, state: dict, timer: PhaseTimer | None = None
             metrics[f"t2i/{name}"] = jnp.mean(jnp.stack([s[name] for s in steps]))
         # The first minibatch is scored by the policy that sampled it, so its ratios differ from
         # 1 only by numerics: how far the recomputed log-probs stray from the rollout's. Where
-        # that exceeds the clip range, clipfrac_first > 0. Suspect reduced-precision float32
-        # matmuls first (JAX's default: TF32 on recent GPUs, bfloat16 passes on TPU);
-        # JAX_DEFAULT_MATMUL_PRECISION=highest asks for full float32 ones.
+        # that exceeds the clip range, clipfrac_first > 0: reduced-precision float32 matmuls
+        # (config.matmul_precision='default') do that in a CPU emulation of TF32 (README);
+        # 'highest' asks for float32 ones, and float32 on a CPU gives 0.
         metrics["t2i/ratio_first"] = steps[0]["ratio"]
         metrics["t2i/clipfrac_first"] = steps[0]["clipfrac"]
         metrics["t2i/approx_kl_first"] = steps[0]["approx_kl"]
@@ -642,6 +660,7 @@ class _Preemption:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, dict]:
     """Check the config and the workdir, load prompts and models, build the initial state."""
     check_fields(config)
+    matmul_precision(config)  # checks the value
     mesh = parallel.make_mesh(dict(config.mesh))
     sizes = derived_sizes(config, mesh.size)
     logging.info("process %d of %d; %d devices (%s); mesh %s", jax.process_index(),
@@ -695,7 +714,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) Parrot training as ``config`` says, writing ``config.json``,
     ``metrics.jsonl`` and orbax checkpoints to ``workdir``. Returns the last logged record with
-    ``step`` and ``preempted`` (True when SIGTERM stopped the run)."""
+    ``step`` and ``preempted`` (True when SIGTERM stopped the run). Everything runs under
+    ``config.matmul_precision``."""
+    with matmul_precision(config):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run, state = setup(config, workdir)
