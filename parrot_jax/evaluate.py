@@ -35,6 +35,7 @@ from parrot_jax.sample import (
     generate,
     identifiers_arg,
     load_runs,
+    under_run_precision,
 )
 from parrot_jax.training.metrics import front_hypervolume
 
@@ -44,6 +45,7 @@ def chunk_seed(seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, index]).integers(2**31 - 1))
 
 
+@under_run_precision
 def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[int],
           w1: float, w2: float, expand_prompt: bool, greedy: bool, num_images: int, seed: int,
           batch_prompts: int,
@@ -53,7 +55,7 @@ def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[in
     ``chunk_seed(seed, i)``, so two models see the same noise. Reward batches are padded to a
     multiple of the run's devices (the padding rows are dropped). ``on_samples`` receives each
     chunk's ``Samples`` (images ``[n, H, W, 3]`` in [0, 1], expansions, conditioning texts), in
-    row order."""
+    row order. Compiles under the run's ``matmul_precision``."""
     rewards = loaded.models.rewards
     out = []
     for i, start in enumerate(range(0, len(prompts), batch_prompts)):

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,22 @@ def _clip_ids(models: ParrotModels, texts: Sequence[str], what: str) -> np.ndarr
     return np.asarray(enc["input_ids"], np.int32)
 
 
+def under_run_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(loaded, ...)`` compiled under the run's ``config.matmul_precision``, as training
+    and its closing evaluation were: on a GPU or TPU the default would sample and score with
+    reduced-precision float32 matmuls and disagree with ``final_eval.json``."""
+
+    @functools.wraps(fn)
+    def wrapped(loaded: LoadedRun, *args: Any, **kwargs: Any) -> Any:
+        from parrot_jax.training.loop import matmul_precision
+
+        with matmul_precision(loaded.config):
+            return fn(loaded, *args, **kwargs)
+
+    return wrapped
+
+
+@under_run_precision
 def expand(loaded: LoadedRun, prompts: Sequence[str], *, greedy: bool = True,
            key: jax.Array | None = None) -> list[str]:
     """The PEN's expansions of ``prompts`` (greedy, or sampled as the run's ``pen`` config says
@@ -169,6 +185,7 @@ def expand(loaded: LoadedRun, prompts: Sequence[str], *, greedy: bool = True,
     return decode(m.pen_tokenizer, out.tokens, out.mask)
 
 
+@under_run_precision
 def generate(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[int],
              w1: float, w2: float, expand_prompt: bool = True, greedy: bool = True,
              num_images: int = 4, seed: int = 0) -> Samples:

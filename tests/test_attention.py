@@ -38,3 +38,32 @@ def test_bfloat16_inputs():
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
     grads = jax.grad(lambda q: jnp.sum(softmax_attention(q, k, v).astype(jnp.float32)))(q)
     assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in ``jaxpr``, nested jaxprs (custom_vjp) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("dtype,expected", [(jnp.float32, jax.lax.Precision.HIGHEST),
+                                            (jnp.bfloat16, jax.lax.Precision.DEFAULT)])
+def test_matmul_precision_reaches_float32_einsums_only(dtype, expected):
+    """float32 attention follows the ambient precision (the config's ``matmul_precision``);
+    bfloat16 operands ask for DEFAULT, the one precision libtpu's fused kernel accepts for them
+    (tests/test_plan.py compiles it for a TPU)."""
+    q = jnp.ones((1, 4, 2, 8), dtype)
+    grad = jax.grad(lambda q, k, v: jnp.sum(softmax_attention(q, k, v).astype(jnp.float32)),
+                    argnums=(0, 1, 2))
+    with jax.default_matmul_precision("highest"):
+        jaxpr = jax.make_jaxpr(grad)(q, q, q).jaxpr
+    precisions = _dot_precisions(jaxpr)
+    assert len(precisions) == 7  # forward: scores, values; backward: scores, dv, dp, dq, dk
+    assert set(precisions) == {(expected, expected)}

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 import torch
 
 from parrot_jax import architectures, plan
+from parrot_jax.models.attention import softmax_attention
 from parrot_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
@@ -108,6 +110,20 @@ def test_sd15_architecture_counts():
                           jax.random.key(0))
     assert _count(ours) == 247_577_856
     assert "lm_head" in ours
+
+
+@pytest.mark.parametrize("precision", ["default", "highest"])
+def test_bfloat16_attention_compiles_for_tpu(devices, precision):
+    """SD 1.5's bfloat16 UNet attention (the 16x16 level: 256 tokens, head dim 160) compiles
+    for a v5e chip, forward and gradient, under every matmul_precision: libtpu's fused
+    attention kernel rejects a float32 contract precision on bfloat16 operands ("Mosaic
+    failed to compile TPU kernel: Bad lhs type"), which 'highest' used to ask for."""
+    q = jax.ShapeDtypeStruct((2, 256, 8, 160), jnp.bfloat16,
+                             sharding=jax.sharding.SingleDeviceSharding(devices[0]))
+    loss = lambda q, k, v: jnp.sum(softmax_attention(q, k, v).astype(jnp.float32))  # noqa: E731
+    with jax.default_matmul_precision(precision):
+        for fn in (softmax_attention, jax.grad(loss, argnums=(0, 1, 2))):
+            assert jax.jit(fn).lower(q, q, q).compile() is not None
 
 
 def test_compiler_out_of_memory_is_a_finding_not_a_crash():

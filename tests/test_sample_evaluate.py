@@ -290,3 +290,33 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
     assert final["details"]["expansions"] == want
     assert final["details"]["expansions_changed"] == sum(
         b != t for b, t in zip(want["base"], want["trained"]))
+
+
+def test_sampling_and_scoring_compile_under_the_runs_matmul_precision(workdir, monkeypatch):
+    """sample / evaluate compile as training did, under ``config.matmul_precision`` ('highest'
+    in the smoke config; on a GPU or TPU the default would differ from final_eval.json): the
+    PEN, the diffusion sampler and the reward heads all see it, and it is undone afterwards."""
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append((name, jax.config.jax_default_matmul_precision))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(sample, "pen_sample", spy("pen", sample.pen_sample))
+    monkeypatch.setattr(sample, "_images", spy("images", sample._images))
+    (loaded,) = sample.load_runs(workdir)
+    reward_set = type(loaded.models.rewards)
+    monkeypatch.setattr(reward_set, "__call__", spy("rewards", reward_set.__call__))
+    try:
+        values = evaluate.score(loaded, [PROMPT], identifiers=[1], w1=5.0, w2=5.0,
+                                expand_prompt=True, greedy=True, num_images=2, seed=0,
+                                batch_prompts=1)
+    finally:
+        loaded.models.rewards.close()
+    assert values.shape == (2, len(loaded.models.rewards.names))
+    assert loaded.config.matmul_precision == "highest"
+    assert sorted({name for name, _ in seen}) == ["images", "pen", "rewards"]
+    assert {precision for _, precision in seen} == {"highest"}
+    assert jax.config.jax_default_matmul_precision is None

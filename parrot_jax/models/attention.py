@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from parrot_jax.models.layers import Dtype, conv
 from parrot_jax.models.norm import GroupNorm
@@ -46,6 +47,18 @@ def tokenwise(layer: nn.Module, x: jax.Array) -> jax.Array:
     return layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))
 
 
+def _precision(*operands: jax.Array) -> lax.Precision | None:
+    """``DEFAULT`` for an einsum whose operands are all narrower than float32, else None (the
+    ambient ``jax.default_matmul_precision``, i.e. the config's ``matmul_precision``).
+
+    A float32 contract precision means nothing for bfloat16 operands, and libtpu's fused
+    attention kernel rejects it ("Mosaic failed to compile TPU kernel: Bad lhs type"): SD 1.5's
+    bfloat16 rollout under ``matmul_precision='highest'`` did not compile for TPU without this.
+    """
+    narrow = all(jnp.finfo(t.dtype).bits < 32 for t in operands)
+    return lax.Precision.DEFAULT if narrow else None
+
+
 @jax.custom_vjp
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Unmasked ``softmax(q k^T / sqrt(Dh)) v``: q ``[B, T, N, Dh]``, k / v ``[B, S, N, Dh]``.
@@ -60,21 +73,22 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     layer. (The layouts were chosen by measurement: benchmarks/unet.py.)
     """
     qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q * q.shape[-1] ** -0.5, k, v))
-    s = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32,
+                   precision=_precision(qh, kh))
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", p, vh), 1, 2)
+    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", p, vh, precision=_precision(p, vh)), 1, 2)
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """float32 ``[B, N, T, S]`` scaled scores from q ``[B, T, N, Dh]`` and k ``[B, S, N, Dh]``."""
     return jnp.einsum("btnh,bsnh->bnts", q * q.shape[-1] ** -0.5, k,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=_precision(q, k))
 
 
 def _times_values(p: jax.Array, v: jax.Array) -> jax.Array:
     """``p [B, N, T, S] @ v [B, S, N, Dh] -> [B, T, N, Dh]`` through heads-major operands: the
     one layout of this product that XLA:CPU runs at full speed (2.7x the direct einsum)."""
-    out = jnp.einsum("bnts,bnsh->bnth", p, jnp.swapaxes(v, 1, 2))
+    out = jnp.einsum("bnts,bnsh->bnth", p, jnp.swapaxes(v, 1, 2), precision=_precision(p, v))
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -91,13 +105,15 @@ def _attention_forward(q, k, v):
 def _attention_backward(residuals, d_out):
     q, k, v, out, lse = residuals
     p = jnp.exp(_scores(q, k) - lse[..., None])
-    dv = jnp.einsum("bnts,btnh->bsnh", p.astype(v.dtype), d_out)
-    dp = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    p_v = p.astype(v.dtype)
+    dv = jnp.einsum("bnts,btnh->bsnh", p_v, d_out, precision=_precision(p_v, d_out))
+    dp = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32,
+                    precision=_precision(d_out, v))
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     ds = (p * (dp - jnp.swapaxes(row, 1, 2)[..., None])).astype(q.dtype)
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     dq = _times_values(ds, k) * scale
-    dk = jnp.einsum("bnts,btnh->bsnh", ds, q) * scale
+    dk = jnp.einsum("bnts,btnh->bsnh", ds, q, precision=_precision(ds, q)) * scale
     return dq, dk, dv
 
 
