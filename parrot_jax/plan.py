@@ -44,6 +44,7 @@ from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
 from parrot_jax.training import loop
+from parrot_jax.training.precision import under_matmul_precision
 from parrot_jax.training.step import (
     T2IBatch,
     T2ITrainState,
@@ -261,16 +262,12 @@ class Plan:
                 and max(self.peaks.values()) <= self.hbm)
 
 
+@under_matmul_precision()
 def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
          hbm: int) -> Plan:
     """Compile the iteration's programs for ``devices`` (see the module docstring), under
     ``config.matmul_precision`` as training compiles them."""
     loop.check_fields(config)
-    with loop.matmul_precision(config):
-        return _plan(config, devices, hbm)
-
-
-def _plan(config: ml_collections.ConfigDict, devices: Sequence[Any], hbm: int) -> Plan:
     mesh = parallel.make_mesh(dict(config.mesh), devices)
     sizes = loop.derived_sizes(config, mesh.size)
     update = loop.t2i_update_config(config)

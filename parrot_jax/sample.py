@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from parrot_jax.expansion import sample as pen_sample
 from parrot_jax.models.lora import merge
 from parrot_jax.training import checkpoint
 from parrot_jax.training.models import ParrotModels
+from parrot_jax.training.precision import under_matmul_precision
 
 
 class RunError(ValueError):
@@ -152,19 +153,10 @@ def _clip_ids(models: ParrotModels, texts: Sequence[str], what: str) -> np.ndarr
     return np.asarray(enc["input_ids"], np.int32)
 
 
-def under_run_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(loaded, ...)`` compiled under the run's ``config.matmul_precision``, as training
-    and its closing evaluation were: on a GPU or TPU the default would sample and score with
-    reduced-precision float32 matmuls and disagree with ``final_eval.json``."""
-
-    @functools.wraps(fn)
-    def wrapped(loaded: LoadedRun, *args: Any, **kwargs: Any) -> Any:
-        from parrot_jax.training.loop import matmul_precision
-
-        with matmul_precision(loaded.config):
-            return fn(loaded, *args, **kwargs)
-
-    return wrapped
+# Sampling and scoring compile under the run's config.matmul_precision, as training and its
+# closing evaluation did: on a GPU or TPU the default would use reduced-precision float32
+# matmuls and disagree with final_eval.json.
+under_run_precision = under_matmul_precision(lambda loaded: loaded.config)
 
 
 @under_run_precision

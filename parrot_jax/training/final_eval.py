@@ -28,22 +28,16 @@ from absl import logging
 
 from parrot_jax.data.promptist import read_prompts
 from parrot_jax.expansion import parse_identifiers
+from parrot_jax.training.precision import under_matmul_precision
 
 FINAL_EVAL_FILE = "final_eval.json"
 
 
+@under_matmul_precision()
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
                      filename: str = FINAL_EVAL_FILE) -> dict[str, Any]:
     """Score the untrained and the latest checkpoint's models (module docstring); the record
     goes to ``workdir/filename``. Runs under the run's ``matmul_precision``."""
-    from parrot_jax.training.loop import matmul_precision
-
-    with matmul_precision(config):
-        return _final_evaluation(config, workdir, filename)
-
-
-def _final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path,
-                      filename: str) -> dict[str, Any]:
     from parrot_jax import evaluate
     from parrot_jax.sample import Samples, load_runs
 

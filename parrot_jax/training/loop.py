@@ -84,6 +84,7 @@ from parrot_jax.rl import (
 from parrot_jax.training import checkpoint
 from parrot_jax.training.metrics import MetricsWriter, front_hypervolume, parse_reference
 from parrot_jax.training.models import BUILTIN_PROMPTS, ParrotModels, load_models
+from parrot_jax.training.precision import check_matmul_precision, under_matmul_precision
 from parrot_jax.training.step import (
     T2IBatch,
     T2ITrainState,
@@ -130,24 +131,6 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}: the Parrot loop does not read "
                          "them (a typo?)")
-
-
-# jax.default_matmul_precision's names for float32 matmuls and convolutions on accelerators
-# (CPUs compute float32 whatever the setting): 'default' is one bfloat16 pass on a TPU and TF32
-# on recent GPUs; 'highest' is float32; 'high' and the explicit names lie between.
-MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
-
-
-def matmul_precision(config: ml_collections.ConfigDict) -> Any:
-    """A context that compiles everything inside with ``config.matmul_precision``.
-
-    The PPO ratio compares the update's recomputed log-probs with the rollout's: two programs
-    that XLA fuses differently, so reduced-precision float32 matmuls make the ratio at the
-    sampling policy differ from 1 by more than the clip range (``t2i/clipfrac_first``)."""
-    value = config.get("matmul_precision", "default")
-    if value not in MATMUL_PRECISIONS:
-        raise ValueError(f"config.matmul_precision={value!r}; one of {MATMUL_PRECISIONS}")
-    return jax.default_matmul_precision(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -660,7 +643,7 @@ class _Preemption:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, dict]:
     """Check the config and the workdir, load prompts and models, build the initial state."""
     check_fields(config)
-    matmul_precision(config)  # checks the value
+    check_matmul_precision(config)
     mesh = parallel.make_mesh(dict(config.mesh))
     sizes = derived_sizes(config, mesh.size)
     logging.info("process %d of %d; %d devices (%s); mesh %s", jax.process_index(),
@@ -710,17 +693,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
     return run, state
 
 
+@under_matmul_precision()
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | Path) -> dict[str, Any]:
     """Run (or resume) Parrot training as ``config`` says, writing ``config.json``,
     ``metrics.jsonl`` and orbax checkpoints to ``workdir``. Returns the last logged record with
     ``step`` and ``preempted`` (True when SIGTERM stopped the run). Everything runs under
     ``config.matmul_precision``."""
-    with matmul_precision(config):
-        return _train_and_evaluate(config, workdir)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run, state = setup(config, workdir)
