@@ -56,7 +56,6 @@ def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[in
     multiple of the run's devices (the padding rows are dropped). ``on_samples`` receives each
     chunk's ``Samples`` (images ``[n, H, W, 3]`` in [0, 1], expansions, conditioning texts), in
     row order. Compiles under the run's ``matmul_precision``."""
-    rewards = loaded.models.rewards
     out = []
     for i, start in enumerate(range(0, len(prompts), batch_prompts)):
         chunk = list(prompts[start:start + batch_prompts])
@@ -66,17 +65,26 @@ def score(loaded: LoadedRun, prompts: Sequence[str], *, identifiers: Sequence[in
         if on_samples is not None:
             on_samples(samples)
         per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
-        images, originals, conditions = (samples.images, per_image(chunk),
-                                         per_image(samples.conditions))
-        n = len(images)
-        pad = -n % loaded.devices
-        if pad:
-            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-            originals = originals + originals[-1:] * pad
-            conditions = conditions + conditions[-1:] * pad
-        r = rewards(rewards.inputs(images, prompts=originals, conditions=conditions))
-        out.append(np.asarray(r)[:n])
+        out.append(score_images(loaded, samples.images, per_image(chunk),
+                                per_image(samples.conditions)))
     return np.concatenate(out)
+
+
+def score_images(loaded: LoadedRun, images: Any, prompts: Sequence[str],
+                 conditions: Sequence[str]) -> np.ndarray:
+    """The run's rewards ``[n, K]`` of images ``[n, H, W, 3]`` in [0, 1], each with its original
+    prompt and conditioning text; the batch is padded to a multiple of the run's devices (the
+    padding rows are dropped)."""
+    rewards, n = loaded.models.rewards, len(images)
+    prompts, conditions = list(prompts), list(conditions)
+    pad = -n % loaded.devices
+    if pad:
+        images = np.concatenate([np.asarray(images), np.repeat(np.asarray(images[-1:]), pad,
+                                                               axis=0)])
+        prompts = prompts + prompts[-1:] * pad
+        conditions = conditions + conditions[-1:] * pad
+    r = rewards(rewards.inputs(images, prompts=prompts, conditions=conditions))
+    return np.asarray(r)[:n]
 
 
 def summary(values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -176,6 +176,28 @@ def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
     assert 0.25 <= c.non_dominated <= 1.0  # at least one image of four survives per group
 
 
+def test_transfer_cli_on_a_toy_run(toy_smoke, capsys):
+    """``python -m parrot_jax.transfer``: a step per identifier on the toy UNet's cross-attention;
+    a finite row per reward, a column per identifier and one for all of them, and each row's
+    ratios to its own identifier's change (1 on the diagonal)."""
+    from parrot_jax import transfer
+
+    workdir, _ = toy_smoke
+    table = transfer.main([str(workdir), "--trained", "--prompts", "2", "--images", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "2 prompts x 4 images per text, step 0.05 (trained models)"
+    assert table.shape == (4, 5) and np.all(np.isfinite(table))
+    assert np.any(table != 0)
+    header = "| step for | <reward 1> | <reward 2> | <reward 3> | <reward 4> | all |"
+    assert out.count(header) == 2
+    ratios = out[out.index(header, out.index(header) + 1) + 2:]
+    names = ["aesthetics", "human_preference", "alignment", "sentiment"]
+    for k, (name, row) in enumerate(zip(names, ratios)):
+        cells = row.split(" | ")
+        assert cells[0] == f"| {name}"
+        assert table[k, k] == 0 or cells[1 + k] == "1.00"
+
+
 def test_parrot_improves_the_toy_rewards(tmp_path):
     """The end-to-end check DESIGN.md §7 asks for: a short Parrot run on the toy world moves
     the held-out front out (hypervolume up), with paired noise against the base model. Measured

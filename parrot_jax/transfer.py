@@ -1,0 +1,225 @@
+"""Does an update taken under one identifier stay with it? ``python -m parrot_jax.transfer W``.
+
+Parrot trains the groups conditioned on "<reward k>, ĉ" on ``r_k`` and expects "<reward k>" to
+favour ``r_k`` afterwards (the paper's Fig. 7). That needs an update taken under identifier k
+to move the images rendered under "<reward k>" more than those under "<reward j>". Where it
+moves them all alike, an update for one identifier is an update for every one, and the
+identifiers can only come apart as the differences accumulate. For each identifier k this tool
+
+1. renders groups from "<reward k>, ĉ" as training does (ĉ: one sampled PEN expansion per RL
+   prompt, the same for every identifier; plain CFG at ``sample.guidance_scale``),
+2. takes the policy gradient of the run's trainable T2I parameters with advantage ``r_k``
+   z-scored within each group (Parrot's normalised advantage without the Pareto mask, so every
+   image counts) over every DDIM step,
+3. takes one plain step of global L2 length ``--step`` along it, and
+4. renders the same prompts with one fresh, shared noise under every identifier and under all
+   of them together (the paper's inference text), before and after the step,
+
+and prints the change of the mean ``r_k`` (row k) for each text the images were rendered with
+(columns), then the same row divided by its diagonal. It works on any run (toy, tiny or real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from parrot_jax.diffusion.sampler import sample
+from parrot_jax.rl.losses import rescore_log_prob
+from parrot_jax.training.step import merged_params
+
+# score(x_0 [B, h, w, c], column) -> rewards [B, K] of the latents rendered under column's text.
+Score = Callable[[jax.Array, int], np.ndarray]
+
+
+def group_zscore(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """``[B]`` -> ``[B]``: each group of ``group_size`` consecutive values centred and divided by
+    its std (a group with no spread gets zeros). Raises when no group varies: no gradient."""
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 1 or r.size % group_size:
+        raise ValueError(f"rewards of shape {r.shape} do not split into groups of {group_size}")
+    groups = r.reshape(-1, group_size)
+    std = groups.std(axis=1, keepdims=True)
+    if not np.any(std > 0):
+        raise ValueError("the reward is constant within every group: no policy gradient")
+    z = np.where(std > 0, (groups - groups.mean(axis=1, keepdims=True))
+                 / np.where(std > 0, std, 1.0), 0.0)
+    return z.reshape(-1).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("denoiser", "eta"))
+def policy_gradient(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, guidance: Any,
+                    contexts: jax.Array, latents: jax.Array, timesteps: jax.Array,
+                    advantages: jax.Array, eta: float) -> Any:
+    """The gradient w.r.t. ``trainable`` of ``sum_s mean_b A_b log pi(x_{s+1} | x_s, c_b)``.
+
+    latents: the trajectories ``[B, S + 1, h, w, c]``; timesteps ``[S]``; contexts
+    ``[B, G, L, D]`` as sampled; advantages ``[B]``. The ascent direction of the expected
+    advantage (REINFORCE: the ratio's gradient at ratio 1). One step's gradient at a time is
+    added up in a scan, as the training step does, so memory does not grow with S.
+    """
+    def term(tr, s):
+        x_t = jax.lax.dynamic_index_in_dim(latents, s, axis=1, keepdims=False)
+        x_prev = jax.lax.dynamic_index_in_dim(latents, s + 1, axis=1, keepdims=False)
+        log_prob = rescore_log_prob(denoiser, merged_params(tr, frozen), schedule, contexts,
+                                    guidance, x_t, timesteps[s], x_prev, eta=eta)
+        return jnp.mean(advantages * log_prob)
+
+    def body(total, s):
+        return jax.tree.map(jnp.add, total, jax.grad(term)(trainable, s)), None
+
+    total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable),
+                            jnp.arange(timesteps.shape[0]))
+    return total
+
+
+def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, guidance: Any,
+                   contexts: jax.Array, score: Score, *, num_rewards: int, group_size: int,
+                   latent_shape: tuple[int, int, int], eta: float, step_size: float,
+                   train_key: jax.Array, eval_key: jax.Array) -> np.ndarray:
+    """``[K, C]``: the change of the mean ``r_k`` over the images rendered under text ``c``
+    after one step of length ``step_size`` along ``r_k``'s policy gradient under text ``k``.
+
+    contexts: ``[C, B, G, L, D]``, one guidance-branch stack per text; the first K texts are the
+    identifiers' (K = ``num_rewards``), the rest are only rendered. B images are groups of
+    ``group_size`` (one prompt each); ``train_key`` draws the rollouts the gradients come from,
+    ``eval_key`` the noise shared by every rendering, before and after each step.
+    """
+    if contexts.shape[0] < num_rewards:
+        raise ValueError(f"{contexts.shape[0]} texts for {num_rewards} identifiers")
+    params = merged_params(trainable, frozen)
+
+    def render(p: Any, column: int, key: jax.Array, with_log_probs: bool = False):
+        return sample(denoiser, p, schedule, contexts[column], guidance, key,
+                      latent_shape=latent_shape, eta=eta, with_log_probs=with_log_probs)
+
+    columns = range(contexts.shape[0])
+    before = [np.asarray(score(render(params, c, eval_key)[0], c), np.float64) for c in columns]
+    table = np.zeros((num_rewards, contexts.shape[0]))
+    for k in range(num_rewards):
+        x_0, traj = render(params, k, train_key, with_log_probs=True)
+        advantages = group_zscore(np.asarray(score(x_0, k))[:, k], group_size)
+        grad = policy_gradient(denoiser, trainable, frozen, schedule, guidance, contexts[k],
+                               traj.latents, traj.timesteps, jnp.asarray(advantages), eta)
+        stepped = merged_params(optax.tree.add_scale(
+            trainable, step_size / optax.tree.norm(grad), grad), frozen)
+        for c in columns:
+            after = np.asarray(score(render(stepped, c, eval_key)[0], c), np.float64)
+            table[k, c] = float(np.mean(after[:, k] - before[c][:, k]))
+    return table
+
+
+def markdown(names: Sequence[str], columns: Sequence[str], table: np.ndarray) -> str:
+    """The changes, then each row divided by its diagonal (the step's own identifier = 1)."""
+    head = ("| step for | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n")
+    out = "Change of the mean reward after one step (rows: the reward and its identifier):\n\n"
+    out += head + "".join(f"| {n} | " + " | ".join(f"{v:+.4g}" for v in row) + " |\n"
+                          for n, row in zip(names, table))
+    out += "\nThe same, divided by the change under the step's own identifier:\n\n" + head
+    for k, (n, row) in enumerate(zip(names, table)):
+        cells = (["n/a (no change under its own identifier)"] * len(row) if row[k] == 0
+                 else [f"{v / row[k]:.2f}" for v in row])
+        out += f"| {n} | " + " | ".join(cells) + " |\n"
+    return out
+
+
+def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed: int,
+            step_size: float) -> tuple[list[str], list[str], np.ndarray]:
+    """Load the run of ``workdir`` and measure ``transfer_table`` on ``num_prompts`` of its RL
+    prompts: ``(reward names, column texts, table [K, K + 1])``."""
+    from parrot_jax.as_trained import draw_rl_prompts
+    from parrot_jax.diffusion import CFG
+    from parrot_jax.diffusion.guidance import branch_contexts
+    from parrot_jax.evaluate import score_images
+    from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
+    from parrot_jax.sample import RunError, expand, load_runs, read_config, under_run_precision
+    from parrot_jax.training.loop import t2i_update_config
+    from parrot_jax.training.step import split_params
+
+    if num_prompts < 1 or images < 2:
+        raise RunError(f"--prompts {num_prompts} and --images {images}: at least 1 prompt "
+                       "and 2 images")
+    if not step_size > 0:
+        raise RunError(f"--step {step_size}: must be > 0")
+    config = read_config(workdir)
+    (loaded,) = load_runs(workdir, base=not trained, trained=trained)
+    m, c = loaded.models, loaded.config
+    names = list(m.rewards.names)
+    key = jax.random.key(seed)
+    expansion_key, train_key, eval_key, lora_key = jax.random.split(key, 4)
+    _, prompts = draw_rl_prompts(config, num_prompts, seed)
+    expanded = expand(loaded, prompts, greedy=False, key=expansion_key)
+    prefixes = [identifier_prefix([k]) for k in range(len(names))]
+    prefixes.append(identifier_prefix(list(range(len(names)))))
+    columns = [f"<reward {k + 1}>" for k in range(len(names))] + ["all"]
+
+    def embed(ids):
+        return m.text_encoder.apply({"params": m.text_params}, jnp.asarray(ids))[
+            "last_hidden_state"]
+
+    null = embed(m.clip_tokenizer([""], padding="max_length",
+                                  max_length=m.context_length)["input_ids"])
+    texts, contexts = [], []
+    for prefix in prefixes:
+        cond = tokenize_conditioning(m.clip_tokenizer, [prefix] * len(prompts), expanded,
+                                     m.context_length)
+        texts.append([t for t in cond["texts"] for _ in range(images)])
+        contexts.append(branch_contexts(null, jnp.repeat(embed(cond["input_ids"]), images,
+                                                         axis=0)))
+    originals = [p for p in prompts for _ in range(images)]
+
+    def score(x_0: jax.Array, column: int) -> np.ndarray:
+        decoded = m.vae.apply({"params": m.vae_params}, x_0 / m.scaling_factor,
+                              method=m.vae.decode)
+        pictures = np.asarray(jnp.clip((decoded + 1.0) / 2.0, 0.0, 1.0))
+        return score_images(loaded, pictures, originals, texts[column])
+
+    trainable, frozen = split_params(loaded.unet_params, t2i_update_config(c), lora_key)
+
+    @under_run_precision
+    def run(_loaded):
+        return transfer_table(m.unet, trainable, frozen, m.schedule,
+                              CFG(c.sample.guidance_scale), jnp.stack(contexts), score,
+                              num_rewards=len(names), group_size=images,
+                              latent_shape=m.latent_shape, eta=float(c.sample.eta),
+                              step_size=step_size, train_key=train_key, eval_key=eval_key)
+
+    try:
+        return names, columns, run(loaded)
+    finally:
+        m.rewards.close()
+
+
+def main(argv: Sequence[str] | None = None) -> np.ndarray:
+    """Parse ``argv`` (without the program name), measure, print the tables."""
+    from parrot_jax.as_trained import add_run_arguments
+    from parrot_jax.sample import RunError
+
+    parser = argparse.ArgumentParser(prog="python -m parrot_jax.transfer",
+                                     description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, "a training workdir (train.py's --workdir)")
+    parser.add_argument("--images", type=int, default=8, help="images per group (per prompt)")
+    parser.add_argument("--step", type=float, default=0.05,
+                        help="global L2 length of the step along each policy gradient")
+    args = parser.parse_args(argv)
+    try:
+        names, columns, table = measure(args.workdir, trained=args.trained,
+                                        num_prompts=args.prompts, images=args.images,
+                                        seed=args.seed, step_size=args.step)
+    except (RunError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"{args.prompts} prompts x {args.images} images per text, step {args.step} "
+          f"({'trained' if args.trained else 'untrained'} models)\n")
+    print(markdown(names, columns, table), end="")
+    return table
+
+
+if __name__ == "__main__":
+    main()
