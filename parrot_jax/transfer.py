@@ -83,9 +83,12 @@ def policy_gradient(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, g
 def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, guidance: Any,
                    contexts: jax.Array, score: Score, *, num_rewards: int, group_size: int,
                    latent_shape: tuple[int, int, int], eta: float, step_size: float,
-                   train_key: jax.Array, eval_key: jax.Array) -> np.ndarray:
-    """``[K, C]``: the change of the mean ``r_k`` over the images rendered under text ``c``
-    after one step of length ``step_size`` along ``r_k``'s policy gradient under text ``k``.
+                   train_key: jax.Array, eval_key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(change [K, C], standard error [K, C])``: the change of the mean ``r_k`` over the
+    images rendered under text ``c`` after one step of length ``step_size`` along ``r_k``'s
+    policy gradient under text ``k``, and its standard error over those images (each image is
+    rendered from the same noise before and after, so the error is that of the paired
+    differences).
 
     contexts: ``[C, B, G, L, D]``, one guidance-branch stack per text; the first K texts are the
     identifiers' (K = ``num_rewards``), the rest are only rendered. B images are groups of
@@ -103,6 +106,7 @@ def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, gu
     columns = range(contexts.shape[0])
     before = [np.asarray(score(render(params, c, eval_key)[0], c), np.float64) for c in columns]
     table = np.zeros((num_rewards, contexts.shape[0]))
+    stderr = np.zeros_like(table)
     for k in range(num_rewards):
         x_0, traj = render(params, k, train_key, with_log_probs=True)
         advantages = group_zscore(np.asarray(score(x_0, k))[:, k], group_size)
@@ -112,16 +116,22 @@ def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, gu
             trainable, step_size / optax.tree.norm(grad), grad), frozen)
         for c in columns:
             after = np.asarray(score(render(stepped, c, eval_key)[0], c), np.float64)
-            table[k, c] = float(np.mean(after[:, k] - before[c][:, k]))
-    return table
+            diff = after[:, k] - before[c][:, k]
+            table[k, c] = float(np.mean(diff))
+            stderr[k, c] = float(np.std(diff, ddof=1) / np.sqrt(diff.size))
+    return table, stderr
 
 
-def markdown(names: Sequence[str], columns: Sequence[str], table: np.ndarray) -> str:
-    """The changes, then each row divided by its diagonal (the step's own identifier = 1)."""
+def markdown(names: Sequence[str], columns: Sequence[str], table: np.ndarray,
+             stderr: np.ndarray) -> str:
+    """The changes with their standard errors, then each row divided by its diagonal (the
+    step's own identifier = 1)."""
     head = ("| step for | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n")
-    out = "Change of the mean reward after one step (rows: the reward and its identifier):\n\n"
-    out += head + "".join(f"| {n} | " + " | ".join(f"{v:+.4g}" for v in row) + " |\n"
-                          for n, row in zip(names, table))
+    out = ("Change of the mean reward after one step (rows: the reward and its identifier), "
+           "± its standard error over the images:\n\n")
+    out += head + "".join(f"| {n} | " + " | ".join(f"{v:+.3g} ± {e:.2g}"
+                                                  for v, e in zip(row, err)) + " |\n"
+                          for n, row, err in zip(names, table, stderr))
     out += "\nThe same, divided by the change under the step's own identifier:\n\n" + head
     for k, (n, row) in enumerate(zip(names, table)):
         cells = (["n/a (no change under its own identifier)"] * len(row) if row[k] == 0
@@ -131,9 +141,9 @@ def markdown(names: Sequence[str], columns: Sequence[str], table: np.ndarray) ->
 
 
 def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed: int,
-            step_size: float) -> tuple[list[str], list[str], np.ndarray]:
+            step_size: float) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """Load the run of ``workdir`` and measure ``transfer_table`` on ``num_prompts`` of its RL
-    prompts: ``(reward names, column texts, table [K, K + 1])``."""
+    prompts: ``(reward names, column texts, change [K, K + 1], standard error [K, K + 1])``."""
     from parrot_jax.as_trained import draw_rl_prompts
     from parrot_jax.diffusion import CFG
     from parrot_jax.diffusion.guidance import branch_contexts
@@ -192,7 +202,7 @@ def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed:
                               step_size=step_size, train_key=train_key, eval_key=eval_key)
 
     try:
-        return names, columns, run(loaded)
+        return (names, columns, *run(loaded))
     finally:
         m.rewards.close()
 
@@ -210,14 +220,14 @@ def main(argv: Sequence[str] | None = None) -> np.ndarray:
                         help="global L2 length of the step along each policy gradient")
     args = parser.parse_args(argv)
     try:
-        names, columns, table = measure(args.workdir, trained=args.trained,
+        names, columns, table, stderr = measure(args.workdir, trained=args.trained,
                                         num_prompts=args.prompts, images=args.images,
                                         seed=args.seed, step_size=args.step)
     except (RunError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{args.prompts} prompts x {args.images} images per text, step {args.step} "
           f"({'trained' if args.trained else 'untrained'} models)\n")
-    print(markdown(names, columns, table), end="")
+    print(markdown(names, columns, table, stderr), end="")
     return table
 
 

@@ -42,11 +42,13 @@ def _contexts() -> jax.Array:
 
 
 def _score(x_0: jax.Array, column: int) -> np.ndarray:
-    """Reward k = the mean of latent channel k (the same for every text)."""
-    return np.asarray(jnp.mean(x_0, axis=(1, 2)))
+    """Reward k = m + m^2 / 2 with m the mean of latent channel k (the same for every text);
+    the square makes a step change each image's reward by a different amount."""
+    m = np.asarray(jnp.mean(x_0, axis=(1, 2)), np.float64)
+    return m + m ** 2 / 2
 
 
-def _table(denoiser, trainable) -> np.ndarray:
+def _table(denoiser, trainable) -> tuple[np.ndarray, np.ndarray]:
     schedule = DDIMSchedule.from_config({**SD15, "prediction_type": "sample"}, STEPS)
     return transfer.transfer_table(
         denoiser, trainable, {}, schedule, CFG(2.0), _contexts(), _score, num_rewards=K,
@@ -61,25 +63,56 @@ def tables():
 
 
 def test_a_step_for_one_identifier_stays_with_it_when_parameters_are_separate(tables):
-    table, _ = tables
-    assert table.shape == (K, K + 1)
-    assert np.all(np.diag(table) > 0), table  # each step raises its own reward
-    off = table[:, :K][~np.eye(K, dtype=bool)]
-    np.testing.assert_array_equal(off, 0.0)  # the other identifiers' images do not move
+    (table, stderr), _ = tables
+    assert table.shape == stderr.shape == (K, K + 1)
+    assert np.all(np.diag(table) > 5 * np.diag(stderr)), (table, stderr)  # raises its reward
+    off = ~np.eye(K, dtype=bool)
+    # The other identifiers' images do not move at all.
+    np.testing.assert_array_equal(table[:, :K][off], 0.0)
+    np.testing.assert_array_equal(stderr[:, :K][off], 0.0)
     np.testing.assert_allclose(table[:, K], np.diag(table), rtol=1e-4)  # "all" carries each row
 
 
 def test_a_step_moves_every_text_alike_when_the_denoiser_ignores_text(tables):
-    _, table = tables
-    assert np.all(np.diag(table) > 0), table
-    np.testing.assert_allclose(table, np.repeat(np.diag(table)[:, None], K + 1, axis=1),
-                               rtol=1e-5)
+    _, (table, stderr) = tables
+    assert np.all(np.diag(table) > 5 * np.diag(stderr)), (table, stderr)
+    for values in (table, stderr):
+        np.testing.assert_allclose(values, np.repeat(np.diag(values)[:, None], K + 1, axis=1),
+                                   rtol=1e-5)
+
+
+def test_the_standard_error_is_that_of_the_paired_differences():
+    """Two texts, one reward: the images under the step's own text move by a known amount each
+    (the blind denoiser's x_0 = v shifts every image by the step's effect), so the standard
+    error must be the std of those per-image changes over sqrt(B)."""
+    schedule = DDIMSchedule.from_config({**SD15, "prediction_type": "sample"}, STEPS)
+    contexts = _contexts()[:1]
+    key = jax.random.key(1)
+    table, stderr = transfer.transfer_table(
+        blind, {"v": jnp.zeros((1,))}, {}, schedule, CFG(2.0), contexts[..., :1],
+        lambda x, c: _score(x[..., :1], c), num_rewards=1, group_size=N,
+        latent_shape=(4, 4, 1), eta=1.0, step_size=0.1, train_key=jax.random.key(0),
+        eval_key=key)
+    from parrot_jax.diffusion import sample
+
+    x_before, _ = sample(blind, {"v": jnp.zeros((1,))}, schedule, contexts[0, ..., :1],
+                         CFG(2.0), key, latent_shape=(4, 4, 1), eta=1.0,
+                         with_log_probs=False)
+    shift = 0.1 if table[0, 0] > 0 else -0.1  # one parameter: the step is +-0.1
+    x_after, _ = sample(blind, {"v": jnp.full((1,), shift)}, schedule, contexts[0, ..., :1],
+                        CFG(2.0), key, latent_shape=(4, 4, 1), eta=1.0,
+                        with_log_probs=False)
+    diff = _score(x_after, 0)[:, 0] - _score(x_before, 0)[:, 0]
+    assert table[0, 0] == pytest.approx(diff.mean(), rel=1e-5)
+    assert stderr[0, 0] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), rel=1e-4)
+    assert stderr[0, 0] > 0
 
 
 def test_markdown_divides_each_row_by_its_diagonal():
     text = transfer.markdown(["a", "b"], ["<reward 1>", "<reward 2>", "all"],
-                             np.array([[0.2, 0.1, -0.4], [0.0, 0.0, 1.0]]))
-    assert "| a | +0.2 | +0.1 | -0.4 |" in text
+                             np.array([[0.2, 0.1, -0.4], [0.0, 0.0, 1.0]]),
+                             np.array([[0.01, 0.02, 0.5], [0.0, 0.0, 0.1]]))
+    assert "| a | +0.2 ± 0.01 | +0.1 ± 0.02 | -0.4 ± 0.5 |" in text
     assert "| a | 1.00 | 0.50 | -2.00 |" in text
     assert "| b | n/a (no change under its own identifier)" in text
 
