@@ -16,7 +16,8 @@ identifiers can only come apart as the differences accumulate. For each identifi
    of them together (the paper's inference text), before and after the step,
 
 and prints the change of the mean ``r_k`` (row k) for each text the images were rendered with
-(columns), then the same row divided by its diagonal. It works on any run (toy, tiny or real).
+(columns), ± its standard error over the paired images, then each row divided by its
+diagonal. It works on any run (toy, tiny or real).
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, gu
         advantages = group_zscore(np.asarray(score(x_0, k))[:, k], group_size)
         grad = policy_gradient(denoiser, trainable, frozen, schedule, guidance, contexts[k],
                                traj.latents, traj.timesteps, jnp.asarray(advantages), eta)
-        stepped = merged_params(optax.tree.add_scale(
-            trainable, step_size / optax.tree.norm(grad), grad), frozen)
+        norm = float(optax.tree.norm(grad))
+        if not norm > 0:
+            raise ValueError(f"the policy gradient of reward {k} is {norm}: the trainable "
+                             "parameters do not change its log-probabilities")
+        stepped = merged_params(optax.tree.add_scale(trainable, step_size / norm, grad), frozen)
         for c in columns:
             after = np.asarray(score(render(stepped, c, eval_key)[0], c), np.float64)
             diff = after[:, k] - before[c][:, k]

@@ -108,6 +108,15 @@ def test_the_standard_error_is_that_of_the_paired_differences():
     assert stderr[0, 0] > 0
 
 
+def test_a_gradient_of_zero_is_refused():
+    """Parameters the denoiser ignores have no policy gradient: an error, not a NaN step."""
+    def ignores_params(params, x, t, context):
+        return jnp.zeros_like(x) + 0.0 * params["v"]
+
+    with pytest.raises(ValueError, match="policy gradient of reward 0 is 0.0"):
+        _table(ignores_params, {"v": jnp.zeros((K,))})
+
+
 def test_markdown_divides_each_row_by_its_diagonal():
     text = transfer.markdown(["a", "b"], ["<reward 1>", "<reward 2>", "all"],
                              np.array([[0.2, 0.1, -0.4], [0.0, 0.0, 1.0]]),
