@@ -34,6 +34,7 @@ import optax
 
 from parrot_jax.diffusion.sampler import sample
 from parrot_jax.rl.losses import rescore_log_prob
+from parrot_jax.sample import under_run_precision
 from parrot_jax.training.step import merged_params
 
 # score(x_0 [B, h, w, c], column) -> rewards [B, K] of the latents rendered under column's text.
@@ -149,26 +150,37 @@ def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed:
     """Load the run of ``workdir`` and measure ``transfer_table`` on ``num_prompts`` of its RL
     prompts: ``(reward names, column texts, change [K, K + 1], standard error [K, K + 1])``."""
     from parrot_jax.as_trained import draw_rl_prompts
-    from parrot_jax.diffusion import CFG
-    from parrot_jax.diffusion.guidance import branch_contexts
-    from parrot_jax.evaluate import score_images
-    from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
-    from parrot_jax.sample import RunError, expand, load_runs, read_config, under_run_precision
-    from parrot_jax.training.loop import t2i_update_config
-    from parrot_jax.training.step import split_params
+    from parrot_jax.sample import RunError, load_runs, read_config
 
     if num_prompts < 1 or images < 2:
         raise RunError(f"--prompts {num_prompts} and --images {images}: at least 1 prompt "
                        "and 2 images")
     if not step_size > 0:
         raise RunError(f"--step {step_size}: must be > 0")
-    config = read_config(workdir)
+    _, prompts = draw_rl_prompts(read_config(workdir), num_prompts, seed)
     (loaded,) = load_runs(workdir, base=not trained, trained=trained)
+    try:
+        return _measure_loaded(loaded, prompts, images, jax.random.key(seed), step_size)
+    finally:
+        loaded.models.rewards.close()
+
+
+@under_run_precision
+def _measure_loaded(loaded: Any, prompts: Sequence[str], images: int, key: jax.Array,
+                    step_size: float) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """``measure`` on a loaded run, every computation under the run's ``matmul_precision``
+    (the text encoder's contexts included, as in training)."""
+    from parrot_jax.diffusion import CFG
+    from parrot_jax.diffusion.guidance import branch_contexts
+    from parrot_jax.evaluate import score_images
+    from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
+    from parrot_jax.sample import expand
+    from parrot_jax.training.loop import t2i_update_config
+    from parrot_jax.training.step import split_params
+
     m, c = loaded.models, loaded.config
     names = list(m.rewards.names)
-    key = jax.random.key(seed)
     expansion_key, train_key, eval_key, lora_key = jax.random.split(key, 4)
-    _, prompts = draw_rl_prompts(config, num_prompts, seed)
     expanded = expand(loaded, prompts, greedy=False, key=expansion_key)
     prefixes = [identifier_prefix([k]) for k in range(len(names))]
     prefixes.append(identifier_prefix(list(range(len(names)))))
@@ -196,19 +208,12 @@ def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed:
         return score_images(loaded, pictures, originals, texts[column])
 
     trainable, frozen = split_params(loaded.unet_params, t2i_update_config(c), lora_key)
-
-    @under_run_precision
-    def run(_loaded):
-        return transfer_table(m.unet, trainable, frozen, m.schedule,
-                              CFG(c.sample.guidance_scale), jnp.stack(contexts), score,
-                              num_rewards=len(names), group_size=images,
-                              latent_shape=m.latent_shape, eta=float(c.sample.eta),
-                              step_size=step_size, train_key=train_key, eval_key=eval_key)
-
-    try:
-        return (names, columns, *run(loaded))
-    finally:
-        m.rewards.close()
+    table, stderr = transfer_table(
+        m.unet, trainable, frozen, m.schedule, CFG(c.sample.guidance_scale),
+        jnp.stack(contexts), score, num_rewards=len(names), group_size=images,
+        latent_shape=m.latent_shape, eta=float(c.sample.eta), step_size=step_size,
+        train_key=train_key, eval_key=eval_key)
+    return names, columns, table, stderr
 
 
 def main(argv: Sequence[str] | None = None) -> np.ndarray:

@@ -176,14 +176,30 @@ def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
     assert 0.25 <= c.non_dominated <= 1.0  # at least one image of four survives per group
 
 
-def test_transfer_cli_on_a_toy_run(toy_smoke, capsys):
+def test_transfer_cli_on_a_toy_run(toy_smoke, capsys, monkeypatch):
     """``python -m parrot_jax.transfer``: a step per identifier on the toy UNet's cross-attention;
     a finite row per reward, a column per identifier and one for all of them, and each row's
-    ratios to its own identifier's change (1 on the diagonal)."""
-    from parrot_jax import transfer
+    ratios to its own identifier's change (1 on the diagonal). The text contexts and the table
+    are computed under the run's matmul_precision ('highest'), as training was."""
+    import jax
 
+    from parrot_jax import transfer
+    from parrot_jax.diffusion import guidance
+
+    seen = []
+    for module, name in ((transfer, "transfer_table"), (guidance, "branch_contexts")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, jax.config.jax_default_matmul_precision))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
     workdir, _ = toy_smoke
     table = transfer.main([str(workdir), "--trained", "--prompts", "2", "--images", "4"])
+    assert {n for n, _ in seen} == {"transfer_table", "branch_contexts"}
+    assert all(p == "highest" for _, p in seen), seen
+    assert jax.config.jax_default_matmul_precision is None
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "2 prompts x 4 images per text, step 0.05 (trained models)"
     assert table.shape == (4, 5) and np.all(np.isfinite(table))
