@@ -38,6 +38,7 @@ from parrot_jax.expansion import (
 )
 from parrot_jax.expansion import sample as pen_sample
 from parrot_jax.models.lora import merge
+from parrot_jax.models.vae import latents_to_images
 from parrot_jax.training import checkpoint
 from parrot_jax.training.models import ParrotModels
 from parrot_jax.training.precision import under_matmul_precision
@@ -137,8 +138,7 @@ def _images(unet: Any, text_encoder: Any, vae: Any, num_images: int,
                                  for i in range(g)])
     x_0, _ = rollout(unet, unet_params, schedule, contexts, guidance, key,
                      latent_shape=latent_shape, eta=eta, with_log_probs=False)
-    images = vae.apply({"params": vae_params}, x_0 / scaling_factor, method=vae.decode)
-    return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+    return latents_to_images(vae, vae_params, x_0, scaling_factor)
 
 
 def _clip_ids(models: ParrotModels, texts: Sequence[str], what: str) -> np.ndarray:

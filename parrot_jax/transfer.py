@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from parrot_jax.diffusion.sampler import sample
+from parrot_jax.models.vae import latents_to_images
 from parrot_jax.rl.losses import rescore_log_prob
 from parrot_jax.sample import under_run_precision
 from parrot_jax.training.step import merged_params
@@ -80,6 +81,10 @@ def policy_gradient(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, g
     total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable),
                             jnp.arange(timesteps.shape[0]))
     return total
+
+
+# The VAE decode, jitted: every rendering is one batch of one shape, so it compiles once.
+_decode = jax.jit(latents_to_images, static_argnums=(0, 3))
 
 
 def transfer_table(denoiser: Any, trainable: Any, frozen: Any, schedule: Any, guidance: Any,
@@ -202,10 +207,8 @@ def _measure_loaded(loaded: Any, prompts: Sequence[str], images: int, key: jax.A
     originals = [p for p in prompts for _ in range(images)]
 
     def score(x_0: jax.Array, column: int) -> np.ndarray:
-        decoded = m.vae.apply({"params": m.vae_params}, x_0 / m.scaling_factor,
-                              method=m.vae.decode)
-        pictures = np.asarray(jnp.clip((decoded + 1.0) / 2.0, 0.0, 1.0))
-        return score_images(loaded, pictures, originals, texts[column])
+        pictures = _decode(m.vae, m.vae_params, x_0, m.scaling_factor)
+        return score_images(loaded, np.asarray(pictures), originals, texts[column])
 
     trainable, frozen = split_params(loaded.unet_params, t2i_update_config(c), lora_key)
     table, stderr = transfer_table(

@@ -218,3 +218,12 @@ class AutoencoderKL(nn.Module):
         side = size or 2 ** (len(self.config.block_out_channels) - 1) * 2
         x = jnp.zeros((batch, side, side, self.config.in_channels), jnp.float32)
         return jax.jit(self.init)(key, x)["params"]
+
+
+def latents_to_images(vae: AutoencoderKL, params: Any, latents: jax.Array,
+                      scaling_factor: float) -> jax.Array:
+    """Sampled (scaled) latents ``[B, h, w, latent]`` -> images ``[B, H, W, 3]`` in [0, 1], as a
+    pipeline shows them: divide by the scaling factor, decode, map [-1, 1] to [0, 1], clip.
+    Traceable."""
+    images = vae.apply({"params": params}, latents / scaling_factor, method=vae.decode)
+    return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)

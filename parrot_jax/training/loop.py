@@ -74,6 +74,7 @@ from parrot_jax.expansion import (
 )
 from parrot_jax.expansion import sample as pen_sample
 from parrot_jax.models.lora import LoRA, merge
+from parrot_jax.models.vae import latents_to_images
 from parrot_jax.rl import (
     PEN_MODES,
     AdvantageConfig,
@@ -302,9 +303,8 @@ def _rollout_and_decode(unet: Any, text_encoder: Any, vae: Any, group_size: int,
     contexts = jax.lax.with_sharding_constraint(branch_contexts(embed(null_ids), cond), sharding)
     x_0, traj = rollout(unet, unet_params, schedule, contexts, guidance, key,
                         latent_shape=latent_shape, eta=eta, sharding=sharding)
-    images = vae.apply({"params": vae_params}, x_0 / scaling_factor, method=vae.decode)
-    images = jax.lax.with_sharding_constraint(jnp.clip((images + 1.0) / 2.0, 0.0, 1.0),
-                                              sharding)
+    images = jax.lax.with_sharding_constraint(
+        latents_to_images(vae, vae_params, x_0, scaling_factor), sharding)
     return images, traj, contexts
 
 
