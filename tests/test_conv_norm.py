@@ -26,8 +26,9 @@ def _random(*shape, seed=0, loc=0.0, scale=1.0):
     ((1, 5, 7, 6, 80), 3, (True, True)),  # non-square map
     ((1, 6, 6, 4, 80), 5, (True, True)),  # 5x5 kernel
     ((2, 4, 4, 8, 64), 1, (True, True)),  # 1x1 kernel
-    ((2, 4, 4, 8, 40), 3, (True, False)),  # col2im input gradient, XLA's kernel gradient
-    ((2, 8, 8, 16, 4), 3, (False, False)),  # 128 pixels, 4 outputs: XLA's own gradients
+    ((2, 4, 4, 8, 40), 3, (True, False)),  # col2im input gradient, correlation kernel gradient
+    ((2, 8, 8, 16, 4), 3, (False, False)),  # 128 pixels, 4 outputs: both as forward convolutions
+    ((1, 6, 5, 3, 4), 5, (False, False)),  # 5x5 kernel, non-square map, forward convolutions
 ])
 def test_same_conv_matches_lax(shape, kernel, dot_routes):
     n, h, w, i, o = shape
@@ -61,6 +62,41 @@ def test_matmul_gradients_on_cpus_only(monkeypatch):
     monkeypatch.setattr(conv, "_on_cpu", lambda: False)
     assert "dot_general" not in grad_jaxpr()
     assert all(c in grad_jaxpr() for c in from_convs)
+
+
+def test_gradients_are_forward_convolutions_on_cpus(monkeypatch):
+    """Where the matmul forms do not apply, both gradients are forward convolutions (standard
+    NHWC / HWIO dimension numbers): XLA:CPU runs its own gradient convolutions 30-50x slower
+    inside a loop body. Other backends keep XLA's."""
+    x, k = _random(2, 8, 8, 16), _random(3, 3, 16, 4, seed=1)
+    assert not conv.dot_input_grad(128, 4) and not conv.dot_kernel_grad(128, 4)
+    forward = str(lax.conv_dimension_numbers(x.shape, k.shape, conv.NHWC))
+
+    def conv_specs():
+        grads = jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b) ** 2), argnums=(0, 1))
+        eqns = jax.make_jaxpr(grads)(x, k).jaxpr.eqns
+        return [str(e.params["dimension_numbers"]) for e in eqns
+                if e.primitive.name == "conv_general_dilated"]
+
+    assert conv_specs() == [forward] * 3  # the forward pass and both gradients
+    monkeypatch.setattr(conv, "_on_cpu", lambda: False)
+    assert conv_specs()[0] == forward and conv_specs()[1:] != [forward] * 2
+
+
+def test_same_conv_gradients_in_bfloat16():
+    """bfloat16 operands: the forward-convolution gradients agree with XLA's to bfloat16
+    rounding, and come back in bfloat16."""
+    x, k, dy = (_random(*s, seed=i).astype(jnp.bfloat16)
+                for i, s in enumerate(((2, 8, 8, 16), (3, 3, 16, 4), (2, 8, 8, 4))))
+    pad = ((1, 1), (1, 1))
+    _, ref_vjp = jax.vjp(
+        lambda a, b: lax.conv_general_dilated(a, b, (1, 1), pad, dimension_numbers=conv.NHWC),
+        x, k)
+    _, vjp = jax.vjp(conv.same_conv, x, k)
+    for ours, ref in zip(vjp(dy), ref_vjp(dy)):
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                                   atol=2e-2 * float(jnp.abs(ref.astype(jnp.float32)).max()))
 
 
 def test_conv_general_dilated_routes_only_plain_convolutions():

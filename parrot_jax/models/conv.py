@@ -12,6 +12,12 @@ convolution on one thread whatever the pool size, the matmul on all of them. Whi
 cheaper depends on the ratio of the activations to the kernel, which is static, so
 ``same_conv`` picks per call site (``dot_input_grad``, ``dot_kernel_grad``), when the default
 backend is the CPU; the forward pass is XLA's own.
+
+Elsewhere both gradients are written as *forward* convolutions (the input gradient with the
+kernel flipped and transposed, the kernel gradient as a correlation of the input with ``dy``),
+not as XLA's gradient convolutions: inside a loop body, such as the T2I step's scan over
+timesteps, XLA:CPU runs its own gradient convolutions 30-50x slower than outside one, and
+forward convolutions equally fast in both (``benchmarks/conv_grad.py``).
 """
 
 from __future__ import annotations
@@ -102,22 +108,47 @@ def _same_conv_fwd(x, kernel):
     return _lax_same_conv(x, kernel), (x, kernel)
 
 
+def _flipped_input_grad(kernel: jax.Array, dy: jax.Array) -> jax.Array:
+    """``d(same_conv)/dx`` applied to ``dy [N, H, W, O]`` as a forward 'same' convolution
+    with the kernel flipped in space and its in / out axes swapped."""
+    return _lax_same_conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+
+
+def _correlation_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...]
+                             ) -> jax.Array:
+    """``d(same_conv)/dkernel`` for ``dy [N, H, W, O]`` as a forward 'valid' convolution: the
+    zero-padded input with its channels as the batch and its batch as the features
+    (``[I, H + kh - 1, W + kw - 1, N]``), correlated with ``dy`` read as an ``[H, W, N, O]``
+    kernel, gives ``[I, kh, kw, O]``; one transpose makes it ``[kh, kw, I, O]``."""
+    kh, kw = kernel_shape[:2]
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    grad = lax.conv_general_dilated(jnp.transpose(padded, (3, 1, 2, 0)),
+                                    jnp.transpose(dy, (1, 2, 0, 3)), (1, 1), "VALID",
+                                    dimension_numbers=NHWC, preferred_element_type=jnp.float32)
+    return jnp.transpose(grad, (1, 2, 0, 3))
+
+
 def _same_conv_bwd(residuals, dy):
     x, kernel = residuals
     n, h, w, o = dy.shape
     pixels = n * h * w
     # Measured on CPUs only: other default backends keep XLA's own gradients. Decided at trace
     # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets these).
-    on_cpu = _on_cpu()
-    if on_cpu and dot_kernel_grad(pixels, o):
-        d_kernel = _im2col_kernel_grad(x, dy, kernel.shape).astype(kernel.dtype)
-    else:
+    if not _on_cpu():
         d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
-    if on_cpu and dot_input_grad(pixels, o):
+        dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]
+        return dx, d_kernel
+    # Forward convolutions, not XLA's gradient ones: those run 30-50x slower inside the T2I
+    # step's scan over timesteps (module docstring).
+    if dot_kernel_grad(pixels, o):
+        d_kernel = _im2col_kernel_grad(x, dy, kernel.shape)
+    else:
+        d_kernel = _correlation_kernel_grad(x, dy, kernel.shape)
+    if dot_input_grad(pixels, o):
         dx = _col2im_input_grad(kernel, dy)
     else:
-        dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]
-    return dx, d_kernel
+        dx = _flipped_input_grad(kernel, dy)
+    return dx, d_kernel.astype(kernel.dtype)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
