@@ -3,10 +3,11 @@ T2I update and PEN update, for a training config at several batch sizes.
 
 Each size builds the run exactly as ``train.py`` does (``loop.setup`` in a scratch workdir),
 runs one iteration to compile, then times ``--iters`` plain iterations (the reference: host and
-device work overlap as in training) and ``--iters`` iterations with a ``PhaseTimer``, which
-blocks at the end of every phase. The VAE decoder is also timed alone on the iteration's
-latents, to split the jitted rollout-and-decode. Printed: milliseconds per phase, its share,
-and the phases' sum over the plain iteration (the cost of blocking between phases).
+device work overlap as in training) and ``--iters`` iterations with a ``PhaseTimer`` as the
+iteration's ``mark`` hook, which blocks at the end of every phase. The VAE decoder is also
+timed alone on the iteration's latents, to split the jitted rollout-and-decode. Printed:
+milliseconds per phase, its share, and the phases' sum over the plain iteration (the cost of
+blocking between phases).
 
     python benchmarks/iteration.py --threads 1 --sizes 2x8,4x8
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,21 @@ from common import environment_lines, pin_threads
 from parrot_jax import config_files
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class PhaseTimer:
+    """Wall seconds per phase of ``parrot_iteration`` (its ``mark`` hook): each phase ends by
+    blocking on its outputs, which removes the overlap of host and device work."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str, *outputs: Any) -> None:
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._start
+        self._start = now
 PHASES = ("pen_expand", "rollout", "vae_decode", "rewards", "advantages", "t2i_update",
           "pen_update")
 
@@ -52,7 +69,7 @@ def run_size(spec: str, groups: int, per_group: int, iters: int) -> dict[str, fl
             plain.append(time.perf_counter() - start)
         phases: dict[str, list[float]] = {}
         for _ in range(iters):
-            timer = loop.PhaseTimer()
+            timer = PhaseTimer()
             state, *_ = loop.parrot_iteration(run, state, timer)
             for k, v in timer.seconds.items():
                 phases.setdefault(k, []).append(v)

@@ -441,7 +441,7 @@ def save_pipeline(root: str | os.PathLike, *, unet: UNet2DConditionModel, unet_p
                   text_params: Any, tokenizer: Any, scheduler_config: Mapping[str, Any],
                   dtype: str = "float32", overwrite: bool = False) -> Path:
     """A diffusers Stable Diffusion folder that ``hub.load_*(root, subfolder=...)``,
-    ``DDIMSchedule.from_pretrained(root, ...)`` and so ``training.models.load_models`` (with
+    ``DDIMSchedule.from_pretrained(root, ...)`` and so ``loading.load_models`` (with
     ``config.model.pretrained=root``) read.
 
     ``tokenizer``: a transformers tokenizer (``save_pretrained`` into ``tokenizer/``).

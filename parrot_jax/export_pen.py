@@ -10,13 +10,17 @@ existing non-empty ``DIR`` is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+from absl import flags
+
+from parrot_jax import cli
+
+PROG = "python -m parrot_jax.export_pen"
 
 
 def export_pen(workdir: str | Path, out: str | Path, *, step: int | None = None,
@@ -42,21 +46,23 @@ def export_pen(workdir: str | Path, out: str | Path, *, step: int | None = None,
     return out, restored
 
 
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("workdir", None, "a PEN SFT workdir", flag_values=values, required=True)
+    flags.DEFINE_string("out", None, "the T5 folder to write (new or empty)", flag_values=values,
+                        required=True)
+    flags.DEFINE_integer("step", None, "checkpoint (default: latest)", flag_values=values)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16", "float16"),
+                      "storage dtype of the weights", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.export_pen",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a PEN SFT workdir")
-    parser.add_argument("--out", required=True, help="the T5 folder to write (new or empty)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint (default: latest)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="storage dtype of the weights")
-    args = parser.parse_args(argv)
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     try:
         out, step = export_pen(args.workdir, args.out, step=args.step, dtype=args.dtype)
     except (OSError, ValueError) as e:
-        parser.error(str(e))
+        cli.fail(PROG, str(e))
     print(f"wrote the PEN of {args.workdir} (step {step}) to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry_point(main)

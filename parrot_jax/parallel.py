@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules and batch placement (DESIGN.md §5).
+"""Device mesh, parameter sharding rules and batch placement (docs/design.md).
 
 One ``Mesh`` with named axes ``data`` and ``fsdp`` (and optionally ``tensor``). Batches shard their
 leading axis over ``('data', 'fsdp')``; parameters replicate unless an ordered list of regex rules

@@ -33,18 +33,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from parrot_jax import architectures, hub, parallel
+from parrot_jax import architectures, cli, hub, loading, parallel, policy
+from parrot_jax import config as schema
+from parrot_jax.data.prompts import BUILTIN_PROMPTS
+from parrot_jax.data.tokenizer import build_clip_tokenizer, train_t5_tokenizer
 from parrot_jax.diffusion import CFG, DDIMSchedule, guided_model_output
 from parrot_jax.expansion import init_pen_lora, pen_rl_optimizer
 from parrot_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
-from parrot_jax.training import loop
-from parrot_jax.training.precision import under_matmul_precision
+from parrot_jax.precision import under_matmul_precision
+from parrot_jax.training.settings import Settings
+from parrot_jax.training.state import PARAM_RULES
 from parrot_jax.training.step import (
     T2IBatch,
     T2ITrainState,
@@ -144,14 +148,12 @@ def _t5_config(source: str) -> dict[str, Any]:
 def abstract_models(config: ml_collections.ConfigDict) -> AbstractModels:
     """The modules ``config.model`` names, built from configs only ('tiny': the tiny shapes,
     with tokenizers built from the built-in prompts as ``train.py`` builds them)."""
-    from parrot_jax.training import models as tm
-
-    dtype = tm._dtype(config.model.dtype)
+    dtype = loading._dtype(config.model.dtype)
     steps = config.sample.num_steps
     if config.model.pretrained == "tiny":
-        tokenizer = tm.build_clip_tokenizer(tm._clip_corpus(tm.BUILTIN_PROMPTS, 4),
-                                            config.model.tiny.context_length)
-        t2i = tm._tiny_t2i(config, tokenizer, dtype)
+        tokenizer = build_clip_tokenizer(loading._clip_corpus(BUILTIN_PROMPTS, 4),
+                                         config.model.tiny.context_length)
+        t2i = loading._tiny_t2i(config, tokenizer, dtype)
         unet, vae, text = t2i["unet"], t2i["vae"], t2i["text_encoder"]
         schedule = t2i["schedule"]
     else:
@@ -164,11 +166,9 @@ def abstract_models(config: ml_collections.ConfigDict) -> AbstractModels:
             _component(root, "text_encoder", "model.pretrained"), root), dtype=dtype)
         schedule = _schedule(root, steps)
     if config.model.pen == "tiny":
-        from parrot_jax.data.tokenizer import train_t5_tokenizer
-
-        pen_tok = train_t5_tokenizer(list(tm.BUILTIN_PROMPTS) + list(tm.MODIFIERS),
+        pen_tok = train_t5_tokenizer(list(BUILTIN_PROMPTS) + list(loading.MODIFIERS),
                                      config.model.tiny.t5_vocab_size)
-        pen, _ = tm._tiny_pen(config, pen_tok, dtype)
+        pen, _ = loading._tiny_pen(config, pen_tok, dtype)
     else:
         pen = T5ForConditionalGeneration(T5Config.from_transformers(
             _t5_config(config.model.pen), config.model.pen), dtype=dtype)
@@ -267,17 +267,17 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
          hbm: int) -> Plan:
     """Compile the iteration's programs for ``devices`` (see the module docstring), under
     ``config.matmul_precision`` as training compiles them."""
-    loop.check_fields(config)
+    schema.check(config)
     mesh = parallel.make_mesh(dict(config.mesh), devices)
-    sizes = loop.derived_sizes(config, mesh.size)
-    update = loop.t2i_update_config(config)
-    sampling, pen_rl = loop.pen_configs(config)
-    rules = loop.PARAM_RULES[config.param_sharding]
+    settings = Settings.of(config, mesh.size, num_rewards=4)
+    sizes, update = settings.sizes, settings.t2i
+    sampling, pen_rl = settings.pen_sampling, settings.pen_rl
+    rules = PARAM_RULES[settings.param_sharding]
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     m = abstract_models(config)
     key0 = jax.random.key(0)
 
-    # Resident state, placed as loop.setup / initial_state place it.
+    # Resident state, placed as training.loop.setup / state.initial_state place it.
     unet_shapes = jax.eval_shape(m.unet.init_params, key0)
 
     def build(params):
@@ -297,7 +297,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
                 "pen_lora_and_optimizer": chip_bytes((lora, pen_opt))}
     resident_total = sum(resident.values())
 
-    # Rollout + decode: loop._rollout_and_decode, as parrot_iteration calls it.
+    # Rollout + decode: policy.rollout, as parrot_iteration calls it.
     schedule = _placed(m.schedule, rep)
     key = jax.ShapeDtypeStruct((), key0.dtype, sharding=rep)
     length = m.context_length
@@ -308,8 +308,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
     rollout_args = (m.unet, m.text_encoder, m.vae, sizes.group_size, m.latent_shape,
                     config.sample.eta, m.scaling_factor, data, unet_params, text_params,
                     vae_params, schedule, guidance, cond_ids, null_ids, key)
-    rollout, r = _compile("rollout+decode", loop._rollout_and_decode.lower(*rollout_args))
-    rollout_out = jax.eval_shape(loop._rollout_and_decode, *rollout_args)
+    rollout, r = _compile("rollout+decode", policy.rollout.lower(*rollout_args))
+    rollout_out = jax.eval_shape(policy.rollout, *rollout_args)
     _, traj, contexts = rollout_out
 
     # The T2I train step on one minibatch (state donated, as in the loop).
@@ -330,8 +330,8 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
     # The PEN expansion of G templated prompts.
     ids = jax.ShapeDtypeStruct((sizes.groups, config.data.max_prompt_length), jnp.int32,
                                sharding=rep)
-    _, p = _compile("pen_expand", loop._expand.lower(m.pen, sampling, pen_params, lora, ids,
-                                                      ids, key))
+    _, p = _compile("pen_expand", policy.expand_tokens.lower(m.pen, sampling, pen_params, lora,
+                                                              ids, ids, key))
     programs = [r, t, p]
     # The trajectory, contexts and images of the iteration, placed as the rollout leaves them
     # (as the rollout is asked to leave them when it could not be compiled).
@@ -402,22 +402,31 @@ def report(p: Plan) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the training config to plan",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x1")
-_HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: by chip kind)")
+PROG = "python -m parrot_jax.plan"
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _TOPOLOGY.value:
-        raise app.UsageError("--config and --topology are required")
-    devices = topology_devices(_TOPOLOGY.value)
-    result = plan(_CONFIG.value, devices, chip_memory(devices, _HBM.value))
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    config_flags.DEFINE_config_file("config", None, "the training config to plan",
+                                    flag_values=values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x1",
+                        flag_values=values)
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: by chip kind)",
+                       flag_values=values)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` (without the program name), plan, print; exit 0 if it fits, else 1."""
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
+    if args.config is None or not args.topology:
+        cli.fail(PROG, "--config and --topology are required")
+    try:
+        devices = topology_devices(args.topology)
+        result = plan(args.config, devices, chip_memory(devices, args.hbm_gib))
+    except (schema.ConfigError, ValueError) as e:
+        cli.fail(PROG, str(e))
     print(report(result))
     sys.exit(0 if result.fits else 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.entry_point(main)

@@ -4,11 +4,16 @@ bad input is refused. The CLI's end-to-end run is in test_toyworld_assets.py (it
 file's smoke run)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from parrot_jax import conflict
+from parrot_jax import config_files
+from parrot_jax.analysis import conflict
+from parrot_jax.workdir import config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_statistics_match_hand_computed_values():
@@ -66,13 +71,14 @@ def test_bad_input_is_refused(tmp_path, capsys):
     r[:, :, 1] = np.arange(3)[:, None]  # varies between groups only
     with pytest.raises(ValueError, match=r"reward columns \[1\] do not vary"):
         conflict.reward_conflict(r)
-    (tmp_path / "config.json").write_text(json.dumps({"model": {}}))
+    config = config_files.load(ROOT / "configs" / "tiny.py:smoke")
+    config.model.rewards = "parrot"
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(config)))
     with pytest.raises(SystemExit) as exit_info:
-        conflict.main([str(tmp_path), "--images", "1"])
+        conflict.main(["--workdir", str(tmp_path), "--num_images", "1"])
     assert exit_info.value.code == 2
-    assert "--images 1: at least 2" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"rewards": "parrot"}}))
+    assert "--num_images 1: at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        conflict.main([str(tmp_path), "--oracle"])
+        conflict.main(["--workdir", str(tmp_path), "--oracle"])
     assert exit_info.value.code == 2
     assert "--oracle: " in capsys.readouterr().err

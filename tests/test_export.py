@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from parrot_jax import export, hub
 from parrot_jax.convert import CheckpointError, apply_transform, torch_key_to_path
+from parrot_jax.data.tokenizer import build_clip_tokenizer
 from parrot_jax.diffusion.schedule import DDIMSchedule
 from parrot_jax.models.clip import (
     CLIPConfig,
@@ -25,7 +26,6 @@ from parrot_jax.models.clip import (
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
-from parrot_jax.training.models import build_clip_tokenizer
 
 TEXT = CLIPTextConfig(vocab_size=40, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=8, eos_token_id=1)
@@ -302,7 +302,7 @@ def test_pipeline(exported, tmp_path):
     index = json.loads((root / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
-    # What training.models.load_models does with config.model.pretrained=root.
+    # What loading.load_models does with config.model.pretrained=root.
     _assert_same(hub.load_unet(root, subfolder="unet")[1], unet_params)
     _assert_same(hub.load_vae(root, subfolder="vae")[1], vae_params)
     _, loaded_text = hub.load_clip_text(root, subfolder="text_encoder")

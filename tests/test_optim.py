@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parrot_jax import config as schema
 from parrot_jax import config_files
 from parrot_jax.optim import clipped_adamw
-from parrot_jax.training.loop import t2i_update_config
+from parrot_jax.training.settings import t2i_update
 from parrot_jax.training.step import T2IUpdateConfig, make_optimizer
+from parrot_jax.workdir import config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +47,12 @@ def test_negative_warmup_is_refused():
 
 def test_the_loop_reads_t2i_warmup_steps():
     config = config_files.load_module(ROOT / "configs" / "tiny.py").get_config()
-    assert t2i_update_config(config).warmup_steps == 0  # the paper's constant rate
+    assert t2i_update(config).warmup_steps == 0  # the paper's constant rate
     config.t2i.warmup_steps = 10
-    assert t2i_update_config(config).warmup_steps == 10
-    del config.t2i.warmup_steps  # a config written before the field existed
-    assert t2i_update_config(config).warmup_steps == 0
+    assert t2i_update(config).warmup_steps == 10
+    saved = config_dict(config)
+    del saved["t2i"]["warmup_steps"]  # a config written before the field existed
+    assert t2i_update(schema.upgrade(saved)).warmup_steps == 0
     config.t2i.warmup_steps = -2
     with pytest.raises(ValueError, match=r"config\.t2i\.warmup_steps=-2: a non-negative"):
-        t2i_update_config(config)
+        schema.check(config)

@@ -277,16 +277,11 @@ def test_processes_split_each_global_batch(word_tokenizer):
 
 def test_tfds_as_the_rl_prompt_source(prepared):
     """``data.prompts='tfds:<dir>[:<split>]'``: the split's distinct user prompts, in order."""
-    import ml_collections
-
-    from parrot_jax.training.loop import load_prompts
+    from parrot_jax.data.prompts import load_prompts
 
     manual, data_dir, _ = prepared
-    config = ml_collections.ConfigDict({"data": {"prompts": f"tfds:{data_dir}"}})
     train = [p.prompt for p in read_pairs(manual / "train.jsonl")]
-    assert load_prompts(config) == list(dict.fromkeys(train))
-    config.data.prompts = f"tfds:{data_dir}:validation"
-    assert load_prompts(config) == list(dict.fromkeys(p for p, _ in PAIRS))
-    config.data.prompts = f"tfds:{data_dir}:test"
+    assert load_prompts(f"tfds:{data_dir}") == list(dict.fromkeys(train))
+    assert load_prompts(f"tfds:{data_dir}:validation") == list(dict.fromkeys(p for p, _ in PAIRS))
     with pytest.raises(DatasetError, match="no split 'test'"):
-        load_prompts(config)
+        load_prompts(f"tfds:{data_dir}:test")

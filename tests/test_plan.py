@@ -60,11 +60,11 @@ def test_smoke_plan_accounts_memory_and_flops(smoke_plan):
     # The T2I state is replicated: every chip holds all UNet params (f32) plus AdamW's two
     # moments of the trainable (cross-attention) ones, and a few scalars.
     models = plan.abstract_models(config)
-    from parrot_jax.training import loop
-    from parrot_jax.training.step import split_params
+    from parrot_jax.training.settings import t2i_update
+    from parrot_jax.weights import split_params
 
     shapes = jax.eval_shape(models.unet.init_params, jax.random.key(0))
-    trainable, _ = split_params(shapes, loop.t2i_update_config(config), jax.random.key(0))
+    trainable, _ = split_params(shapes, t2i_update(config), jax.random.key(0))
     expected = 4 * (_count(shapes) + 2 * _count(trainable))
     assert expected <= p.resident["t2i_state"] <= expected + 64
     # The donated state comes back in place.

@@ -1,7 +1,7 @@
-"""``python -m parrot_jax.sample`` / ``parrot_jax.evaluate`` on a smoke training run (tiny random
-models, 8 simulated devices): files and shapes, determinism per seed, identifiers in the
-conditioning text, ``--w2 0`` = plain CFG on the prompt, rewards of the original prompt, and
-clear errors."""
+"""``python -m parrot_jax.sample`` / ``parrot_jax.evaluate`` and ``parrot_jax.policy`` on a smoke
+training run (tiny random models, 8 simulated devices): files and shapes, determinism per seed,
+identifiers in the conditioning text, ``--w2 0`` = plain CFG on the prompt, rewards of the
+original prompt, a checkpoint read without its optimizer, and clear errors."""
 
 import importlib.util
 import json
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parrot_jax import evaluate, sample
+from parrot_jax import evaluate, policy, sample, scoring
 from parrot_jax.data.promptist import read_prompts
 from parrot_jax.diffusion.guidance import PromptCentredGuidance
+from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import train_and_evaluate
 from parrot_jax.training.final_eval import table as final_table
-from parrot_jax.training.metrics import front_hypervolume
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a white background"
@@ -54,7 +54,7 @@ def _images(out: Path, record: dict) -> np.ndarray:
 
 def _sample(workdir, out, *extra):
     record = sample.main(["--workdir", str(workdir), "--prompt", PROMPT, "--out", str(out),
-                          "--num-images", "2", "--identifiers", "1,3", *extra])
+                          "--num_images", "2", "--identifiers", "1,3", *extra])
     return record, _images(out, record)
 
 
@@ -86,14 +86,14 @@ def test_identifiers_change_the_conditioning_text(workdir, tmp_path):
 
 
 def test_w2_zero_is_plain_cfg_on_the_prompt(workdir):
-    loaded = sample.load_runs(workdir)[0]
+    loaded = policy.load(workdir)[0]
     try:
-        centred = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=5.0, w2=0.0,
-                                  num_images=2, seed=1)
-        cfg = sample.generate(loaded, [PROMPT], identifiers=[], w1=5.0, w2=5.0,
-                              expand_prompt=False, num_images=2, seed=1)
-        full = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=5.0, w2=5.0,
-                               num_images=2, seed=1)
+        centred = loaded.sample([PROMPT], identifiers=[0, 1], w1=5.0, w2=0.0, num_images=2,
+                                seed=1)
+        cfg = loaded.sample([PROMPT], identifiers=[], w1=5.0, w2=5.0, expand_prompt=False,
+                            num_images=2, seed=1)
+        full = loaded.sample([PROMPT], identifiers=[0, 1], w1=5.0, w2=5.0, num_images=2,
+                             seed=1)
     finally:
         loaded.models.rewards.close()
     assert cfg.conditions == [PROMPT] and cfg.expansions == [""]
@@ -104,20 +104,20 @@ def test_w2_zero_is_plain_cfg_on_the_prompt(workdir):
 def test_w1_zero_skips_the_original_branch_exactly(workdir):
     """``w1 = 0`` runs CFG(w2) on (null, expansion) instead of Eq. 5's three branches; the
     result equals Eq. 5 computed with all three."""
-    loaded = sample.load_runs(workdir)[0]
+    loaded = policy.load(workdir)[0]
     try:
-        short = sample.generate(loaded, [PROMPT], identifiers=[0, 1], w1=0.0, w2=5.0,
-                                num_images=2, seed=1)
+        short = loaded.sample([PROMPT], identifiers=[0, 1], w1=0.0, w2=5.0, num_images=2,
+                              seed=1)
         m = loaded.models
-        null = sample._clip_ids(m, [""], "null prompt")[0]
-        original = sample._clip_ids(m, [PROMPT], "prompt")
-        expanded = sample._clip_ids(m, short.conditions, "conditioning")
+        null = loaded.clip_ids([""], "null prompt")[0]
+        original = loaded.clip_ids([PROMPT], "prompt")
+        expanded = loaded.clip_ids(short.conditions, "conditioning")
         branches = np.stack([np.broadcast_to(null, original.shape), original, expanded], axis=1)
         key_images = jax.random.split(jax.random.key(1))[1]
-        three = sample._images(m.unet, m.text_encoder, m.vae, 2, m.latent_shape,
-                               float(loaded.config.sample.eta), m.scaling_factor,
-                               loaded.unet_params, m.text_params, m.vae_params, m.schedule,
-                               PromptCentredGuidance(0.0, 5.0), branches, key_images)
+        three = policy.draw(m.unet, m.text_encoder, m.vae, 2, m.latent_shape,
+                            float(loaded.config.sample.eta), m.scaling_factor,
+                            loaded.unet_params, m.text_params, m.vae_params, m.schedule,
+                            PromptCentredGuidance(0.0, 5.0), branches, key_images)
     finally:
         loaded.models.rewards.close()
     np.testing.assert_allclose(short.images, np.asarray(three), atol=1e-5)
@@ -126,7 +126,7 @@ def test_w1_zero_skips_the_original_branch_exactly(workdir):
 def test_base_differs_from_the_checkpoint(workdir, tmp_path):
     base, _ = _sample(workdir, tmp_path / "a", "--base")
     assert base["model"] == "base"
-    loaded = sample.load_runs(workdir, base=True)
+    loaded = policy.load(workdir, base=True)
     try:
         unet = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(r.unet_params)])
                 for r in loaded]
@@ -142,7 +142,7 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     prompts.write_text("\n".join(texts) + "\n")
     out = tmp_path / "eval"
     record = evaluate.main(["--workdir", str(workdir), "--prompts", str(prompts), "--out",
-                            str(out), "--base", "--num-images", "2", "--batch-prompts", "1",
+                            str(out), "--base", "--num_images", "2", "--batch_prompts", "1",
                             "--seed", "7", "--identifiers", "1,3"])
     assert json.loads((out / "eval.json").read_text()) == record
     names = record["rewards"]
@@ -154,13 +154,13 @@ def test_evaluate_scores_original_prompts(workdir, tmp_path):
     assert [line.split(" | ")[0] for line in table[4:]] == ["| step_2", "| base"]
     # Recompute the checkpoint's rewards: 2 prompts in chunks of 1 (2 images padded to the 8
     # devices), rewards of the ORIGINAL prompt (conditions are the identified expansions).
-    loaded = sample.load_runs(workdir)[0]
+    loaded = policy.load(workdir)[0]
     rewards = loaded.models.rewards
     try:
         rows, conditions = [], []
         for i, chunk in enumerate([texts[:1], texts[1:]]):
-            s = sample.generate(loaded, chunk, identifiers=[0, 2], w1=5.0, w2=5.0,
-                                num_images=2, seed=evaluate.chunk_seed(7, i))
+            s = loaded.sample(chunk, identifiers=[0, 2], w1=5.0, w2=5.0, num_images=2,
+                              seed=scoring.chunk_seed(7, i))
             originals = [p for p in chunk for _ in range(2)]
             conds = [c for c in s.conditions for _ in range(2)]
             pad = -len(originals) % 8
@@ -194,41 +194,42 @@ def test_per_prompt_hypervolume_weighs_every_prompt():
     (11, 11) wins; per prompt (references (0, 0) and (10, 10)), a's prompt-0 front wins."""
     a = np.array([[2.0, 1.0], [1.0, 2.0], [10.0, 10.0], [10.0, 10.0]])
     b = np.array([[0.0, 0.0], [0.5, 0.5], [11.0, 11.0], [10.0, 10.0]])
-    results, reference = evaluate.with_hypervolumes({"a": a, "b": b}, ["r", "s"],
+    results, reference = scoring.with_hypervolumes({"a": a, "b": b}, ["r", "s"],
                                                     num_images=2)
     assert reference == [0.0, 0.0]
     assert (results["a"]["hypervolume"], results["b"]["hypervolume"]) == (100.0, 121.0)
     # a: (3 + 0) / 2; b: (0.25 + 1) / 2.
     assert results["a"]["hypervolume_per_prompt"] == pytest.approx(1.5)
     assert results["b"]["hypervolume_per_prompt"] == pytest.approx(0.625)
-    assert "hypervolume_per_prompt" not in evaluate.with_hypervolumes({"a": a}, ["r", "s"])[0]["a"]
+    assert "hypervolume_per_prompt" not in scoring.with_hypervolumes({"a": a}, ["r", "s"])[0]["a"]
     with pytest.raises(ValueError, match="a: 4 reward rows do not split into prompts of 3"):
-        evaluate.per_prompt_hypervolumes({"a": a}, 3)
+        scoring.per_prompt_hypervolumes({"a": a}, 3)
     with pytest.raises(ValueError, match="different numbers of prompts"):
-        evaluate.per_prompt_hypervolumes({"a": a, "b": b[:2]}, 2)
+        scoring.per_prompt_hypervolumes({"a": a, "b": b[:2]}, 2)
 
 
 @pytest.mark.parametrize("spec, message", [("0,2", "expected integers 1..4"),
                                            ("1,1", "repeated"), ("1,x", "'x'"), ("", "''")])
 def test_bad_identifiers_are_usage_errors(capsys, spec, message):
-    parser = sample._parser()
     with pytest.raises(SystemExit) as e:
-        sample.identifiers_arg(parser, spec, 4)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+        sample.identifiers_arg(sample.PROG, spec, 4)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
 
 
 def test_identifier_specs():
-    parser = sample._parser()
-    assert sample.identifiers_arg(parser, "all", 4) == [0, 1, 2, 3]
-    assert sample.identifiers_arg(parser, "none", 4) == []
-    assert sample.identifiers_arg(parser, "3, 1", 4) == [2, 0]
+    assert sample.identifiers_arg(sample.PROG, "all", 4) == [0, 1, 2, 3]
+    assert sample.identifiers_arg(sample.PROG, "none", 4) == []
+    assert sample.identifiers_arg(sample.PROG, "3, 1", 4) == [2, 0]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--identifiers", "all"], "alone take 18 tokens"),  # 4 identifiers > the tiny context 16
     (["--step", "1"], "no such checkpoint"),
     (["--base", "--step", "2"], "exclude"),
-    (["--num-images", "0"], "must be positive"),
+    (["--num_images", "0"], "must be positive"),
+    (["--num-images", "2"], "Unknown command line flag 'num-images'"),
+    (["extra"], "unexpected arguments ['extra']"),
 ])
 def test_sample_errors(workdir, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -269,7 +270,7 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
     assert list(final["trained"]) == names + ["hypervolume", "hypervolume_per_prompt"]
     record = evaluate.main(["--workdir", str(workdir), "--prompts",
                             final["details"]["prompts"], "--out", str(tmp_path), "--base",
-                            "--num-images", "2", "--batch-prompts", "1", "--identifiers", "1,3"])
+                            "--num_images", "2", "--batch_prompts", "1", "--identifiers", "1,3"])
     for label, model in (("trained", "step_2"), ("base", "base")):
         for name in names:
             assert final[label][name] == pytest.approx(record["models"][model][name]["mean"],
@@ -281,10 +282,10 @@ def test_final_evaluation_matches_evaluate(workdir, tmp_path):
     text = final_table(final)
     assert text.count("\n") == len(names) + 3 and "| hypervolume |" in text
     # Each model's greedy PEN expansion of each held-out prompt, and how many differ.
-    trained, base = sample.load_runs(workdir, base=True)
+    trained, base = policy.load(workdir, base=True)
     try:
         prompts = read_prompts(final["details"]["prompts"])
-        want = {"trained": sample.expand(trained, prompts), "base": sample.expand(base, prompts)}
+        want = {"trained": trained.expand(prompts), "base": base.expand(prompts)}
     finally:
         trained.models.rewards.close()
     assert final["details"]["expansions"] == want
@@ -304,15 +305,15 @@ def test_sampling_and_scoring_compile_under_the_runs_matmul_precision(workdir, m
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(sample, "pen_sample", spy("pen", sample.pen_sample))
-    monkeypatch.setattr(sample, "_images", spy("images", sample._images))
-    (loaded,) = sample.load_runs(workdir)
+    monkeypatch.setattr(policy, "pen_sample", spy("pen", policy.pen_sample))
+    monkeypatch.setattr(policy, "draw", spy("images", policy.draw))
+    (loaded,) = policy.load(workdir)
     reward_set = type(loaded.models.rewards)
     monkeypatch.setattr(reward_set, "__call__", spy("rewards", reward_set.__call__))
     try:
-        values = evaluate.score(loaded, [PROMPT], identifiers=[1], w1=5.0, w2=5.0,
-                                expand_prompt=True, greedy=True, num_images=2, seed=0,
-                                batch_prompts=1)
+        values = scoring.score(loaded, [PROMPT], identifiers=[1], w1=5.0, w2=5.0,
+                               expand_prompt=True, greedy=True, num_images=2, seed=0,
+                               batch_prompts=1)
     finally:
         loaded.models.rewards.close()
     assert values.shape == (2, len(loaded.models.rewards.names))
@@ -320,3 +321,41 @@ def test_sampling_and_scoring_compile_under_the_runs_matmul_precision(workdir, m
     assert sorted({name for name, _ in seen}) == ["images", "pen", "rewards"]
     assert {precision for _, precision in seen} == {"highest"}
     assert jax.config.jax_default_matmul_precision is None
+
+
+def test_a_policy_loads_without_its_optimizer(workdir, monkeypatch):
+    """``policy.load`` reads only the checkpoint's trained T2I weights and PEN LoRA: it builds
+    no training state and restores no optimizer moment, and its weights are the checkpoint's."""
+    import orbax.checkpoint as ocp
+
+    from parrot_jax import workdir as workdirs
+    from parrot_jax.training import state as training_state
+    from parrot_jax.training import step
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("policy.load built training state")
+
+    monkeypatch.setattr(step, "init_train_state", refuse)
+    monkeypatch.setattr(training_state, "initial_state", refuse)
+    restored = []
+    original = ocp.PyTreeCheckpointer.restore
+
+    def spy(self, path, *args, **kwargs):
+        out = original(self, path, *args, **kwargs)
+        restored.append(out)
+        return out
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+    (loaded,) = policy.load(workdir)
+    loaded.models.rewards.close()
+    (parts,) = restored
+    assert set(parts) == {"t2i", "pen"}
+    assert set(parts["t2i"]) == {"trainable"} and set(parts["pen"]) == {"lora"}
+    # The trained cross-attention is the checkpoint's; every other UNet weight is the base's.
+    whole = workdirs.restore_parts(workdir, 2, ("t2i/trainable",))["t2i"]["trainable"]
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(loaded.unet_params, sep="/")
+    assert whole and all(np.array_equal(flat[k], v) for k, v in whole.items())
+    with pytest.raises(ValueError, match="the checkpoint has no"):
+        workdirs.restore_parts(workdir, 2, ("t2i/no_such_part",))

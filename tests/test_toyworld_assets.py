@@ -139,11 +139,11 @@ def test_default_config_runs_parrot_and_the_final_evaluation(toy_smoke):
 def test_modifier_landscape_cli_on_a_toy_run(toy_smoke, capsys):
     """``python -m parrot_jax.toyworld.modifiers``: sampled PEN expansions rendered under each
     identifier; the table has a row per measured modifier value, each effect finite."""
-    from parrot_jax.toyworld import modifiers
+    from parrot_jax.analysis import modifiers
 
     workdir, _ = toy_smoke
-    effects = modifiers.main([str(workdir), "--trained", "--prompts", "3", "--repeats", "2",
-                              "--min-count", "2"])
+    effects = modifiers.main(["--workdir", str(workdir), "--trained", "--num_prompts", "3",
+                              "--repeats", "2", "--min_count", "2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("24 images (trained models)")  # 3 prompts x 2 x 4 identifiers
     assert out[1] == ("| modifier | share | aesthetics | human_preference | alignment | "
@@ -155,13 +155,14 @@ def test_modifier_landscape_cli_on_a_toy_run(toy_smoke, capsys):
 
 
 def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
-    """``python -m parrot_jax.conflict --oracle``: groups sampled as training samples them, one
-    per prompt and identifier; shares in [0, 1], correlations in [-1, 1] with a unit diagonal;
-    a row per pixel-oracle metric."""
-    from parrot_jax import conflict
+    """``python -m parrot_jax.analysis.conflict --oracle``: groups sampled as training samples
+    them, one per prompt and identifier; shares in [0, 1], correlations in [-1, 1] with a unit
+    diagonal; a row per pixel-oracle metric."""
+    from parrot_jax.analysis import conflict
 
     workdir, _ = toy_smoke
-    c = conflict.main([str(workdir), "--prompts", "3", "--images", "4", "--oracle"])
+    c = conflict.main(["--workdir", str(workdir), "--num_prompts", "3", "--num_images", "4",
+                       "--oracle"])
     out = capsys.readouterr().out
     assert out.startswith("12 groups of 4 images (untrained models)")  # 3 prompts x 4 ids
     oracle_rows = [line for line in out.splitlines()[out.splitlines().index("Pixel oracle:"):]
@@ -177,17 +178,18 @@ def test_conflict_cli_on_a_toy_run(toy_smoke, capsys):
 
 
 def test_transfer_cli_on_a_toy_run(toy_smoke, capsys, monkeypatch):
-    """``python -m parrot_jax.transfer``: a step per identifier on the toy UNet's cross-attention;
-    a finite row per reward, a column per identifier and one for all of them, and each row's
-    ratios to its own identifier's change (1 on the diagonal). The text contexts and the table
+    """``python -m parrot_jax.analysis.transfer``: a step per identifier on the toy UNet's
+    cross-attention; a finite row per reward, a column per identifier and one for all of them,
+    and each row's ratios to its own identifier's change (1 on the diagonal). The text contexts
+    and the table
     are computed under the run's matmul_precision ('highest'), as training was."""
     import jax
 
-    from parrot_jax import transfer
-    from parrot_jax.diffusion import guidance
+    from parrot_jax import policy
+    from parrot_jax.analysis import transfer
 
     seen = []
-    for module, name in ((transfer, "transfer_table"), (guidance, "branch_contexts")):
+    for module, name in ((transfer, "transfer_table"), (policy, "group_contexts")):
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -196,8 +198,9 @@ def test_transfer_cli_on_a_toy_run(toy_smoke, capsys, monkeypatch):
 
         monkeypatch.setattr(module, name, spy)
     workdir, _ = toy_smoke
-    table = transfer.main([str(workdir), "--trained", "--prompts", "2", "--images", "4"])
-    assert {n for n, _ in seen} == {"transfer_table", "branch_contexts"}
+    table = transfer.main(["--workdir", str(workdir), "--trained", "--num_prompts", "2",
+                           "--num_images", "4"])
+    assert {n for n, _ in seen} == {"transfer_table", "group_contexts"}
     assert all(p == "highest" for _, p in seen), seen
     assert jax.config.jax_default_matmul_precision is None
     out = capsys.readouterr().out.splitlines()
@@ -215,7 +218,7 @@ def test_transfer_cli_on_a_toy_run(toy_smoke, capsys, monkeypatch):
 
 
 def test_parrot_improves_the_toy_rewards(tmp_path):
-    """The end-to-end check DESIGN.md §7 asks for: a short Parrot run on the toy world moves
+    """The end-to-end check: a short Parrot run on the toy world moves
     the held-out front out (hypervolume up), with paired noise against the base model. Measured
     when this test was written (seed 0): 32.35 -> 33.93; with every advantage's sign flipped,
     39.04 -> 37.68 (reward means alone did not tell the two apart at this size)."""
@@ -228,7 +231,7 @@ def test_parrot_improves_the_toy_rewards(tmp_path):
     config.checkpoint_every = 12
     config.eval_every = 12
     config.final_eval.num_images = 4
-    config.final_eval.oracle = False
+    config.final_eval.image_metrics = ""
     final = train_and_evaluate(config, tmp_path)["final_eval"]
     assert final["trained"]["hypervolume"] > final["base"]["hypervolume"], final
 

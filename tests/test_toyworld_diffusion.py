@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from parrot_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from parrot_jax.models.random_init import random_params
 from parrot_jax.toyworld import captions, render, tokenizers, world
 from parrot_jax.toyworld.unet_train import (
     UNetTrainConfig,
@@ -25,7 +26,6 @@ from parrot_jax.toyworld.vae_train import (
     render_batch,
     train_vae,
 )
-from parrot_jax.training.models import random_params
 
 SIZE = 16  # tiny images: 16 x 16 -> 8 x 8 latents with one downsampling
 VAE_CFG = VAETrainConfig(steps=16, batch_size=8, learning_rate=3e-3, warmup_steps=2,

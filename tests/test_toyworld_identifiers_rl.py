@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parrot_jax.analysis import table
 from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
 from parrot_jax.rewards import HostReward, RewardSet
-from parrot_jax.toyworld import table
 from parrot_jax.training import loop
 
 ITERATIONS = 24
@@ -63,7 +63,7 @@ def _brightness(run, state, probes) -> np.ndarray:
         cond = tokenize_conditioning(run.models.clip_tokenizer,
                                      [identifier_prefix([k])] * len(probes), probes,
                                      run.models.context_length)
-        images, _, _ = loop._policy_rollout(run, state, cond["input_ids"], jax.random.key(7), 8)
+        images, _, _ = run.rollout(state, cond["input_ids"], jax.random.key(7))
         means.append(float(jnp.mean(images)))
     return np.asarray(means)
 

@@ -4,11 +4,16 @@ reward and on their mean, and the errors for unusable input. The end-to-end CLI 
 workdir is in test_toyworld_assets.py (it shares that file's smoke run)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from parrot_jax.toyworld import modifiers
+from parrot_jax import config_files
+from parrot_jax.analysis import modifiers
+from parrot_jax.workdir import config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_added_modifiers_are_those_the_prompt_does_not_name():
@@ -98,12 +103,13 @@ def test_markdown_rows():
 
 
 def test_cli_refuses_a_run_outside_the_toy_world(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"rewards": "tiny"}}))
+    config = config_files.load(ROOT / "configs" / "tiny.py:smoke")
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(config)))
     with pytest.raises(SystemExit) as exit_info:
-        modifiers.main([str(tmp_path)])
+        modifiers.main(["--workdir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "model.rewards='tiny'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        modifiers.main([str(tmp_path / "missing")])
+        modifiers.main(["--workdir", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "no such directory" in capsys.readouterr().err

@@ -5,8 +5,9 @@ chart."""
 import numpy as np
 import pytest
 
+from parrot_jax import config as schema
+from parrot_jax.analysis import table
 from parrot_jax.rl.pareto import hypervolume
-from parrot_jax.toyworld import table
 
 NAMES = ["a", "b"]
 
@@ -64,7 +65,7 @@ def test_methods_cover_the_papers_comparison():
     assert table.toy_config("single").advantage.mode == "single"  # mode leaves presets alone
     parrot = table.toy_config("")
     assert (parrot.advantage.mode, parrot.pen.advantage) == ("normalized", "normalized")
-    table._set(config, "advantage.weights", (0.7, 0.1, 0.1, 0.1))
+    schema.apply(config, {"advantage.weights": (0.7, 0.1, 0.1, 0.1)})
     assert tuple(config.advantage.weights) == (0.7, 0.1, 0.1, 0.1)
 
 

@@ -30,8 +30,8 @@ def test_sample_scenes_ranges_fixed_and_errors():
 
 
 def test_scenes_for_prompt_fixes_named_attributes():
-    s = world.scenes_for_prompt("<reward 2>, a green ring, soft edges, on the left",
-                                np.random.default_rng(1), 200)
+    s = captions.scenes_for_prompt("<reward 2>, a green ring, soft edges, on the left",
+                                   np.random.default_rng(1), 200)
     assert world.describe(s, 0)["shape"] == "ring" and (s["colour"] == 3).all()
     assert (s["edges"] == 1).all() and (s["position"] == 1).all()
     assert len(set(s["size"])) == 3  # unnamed: random

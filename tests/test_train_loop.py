@@ -18,17 +18,15 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from parrot_jax import config as schema
 from parrot_jax.data.promptist import DatasetError
+from parrot_jax.data.prompts import draw_prompts
+from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import loop, train_and_evaluate
-from parrot_jax.training.checkpoint import IncompatibleWorkdirError
-from parrot_jax.training.loop import (
-    advantage_config,
-    check_fields,
-    derived_sizes,
-    draw_prompts,
-    group_prompts,
-)
-from parrot_jax.training.metrics import MetricsWriter, front_hypervolume, read_metrics
+from parrot_jax.training.loop import group_prompts
+from parrot_jax.training.metrics import MetricsWriter, read_metrics
+from parrot_jax.training.settings import Settings
+from parrot_jax.workdir import CONFIG_FILE, IncompatibleWorkdirError, check_workdir, config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("step", "reward/aesthetics/mean", "reward/aesthetics/std",
@@ -128,24 +126,26 @@ def test_incompatible_workdir_is_refused_and_untouched(smoke, tmp_path):
 
 
 def test_a_workdir_from_before_an_added_field_resumes(tmp_path):
-    """A saved config without a field of ``checkpoint.ADDED_FIELDS`` agrees with that field's
-    stated value and with nothing else."""
-    from parrot_jax.training import checkpoint
-
+    """A saved config without a field the schema marks as added later (``config.ADDED``)
+    agrees with that field's stated value and with nothing else; a renamed field counts by its
+    new name."""
     config = tiny_config("smoke")
-    saved = checkpoint.config_dict(config)
-    for field in checkpoint.ADDED_FIELDS:
+    saved = config_dict(config)
+    assert {"pen.lora_targets", "t2i.warmup_steps", "matmul_precision"} <= set(schema.ADDED)
+    for field in schema.ADDED:
         *parents, name = field.split(".")
         section = saved
         for p in parents:
             section = section[p]
         del section[name]
-    (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
-    checkpoint.check_workdir(config, tmp_path)  # the defaults: accepted
+    saved["matmul_precision"] = "highest"  # added as 'default'; this run's is 'highest'
+    saved["final_eval"]["oracle"] = False  # renamed final_eval.image_metrics ('' = none)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    check_workdir(config, tmp_path)  # the defaults: accepted
     config.pen.lora_targets = "lm_head/kernel$"
     with pytest.raises(IncompatibleWorkdirError,
                        match=r"pen\.lora_targets: saved <absent, meaning '\(Self.*, now 'lm_head"):
-        checkpoint.check_workdir(config, tmp_path)
+        check_workdir(config, tmp_path)
 
 
 def test_clear_errors(tmp_path):
@@ -195,23 +195,26 @@ def test_clear_errors(tmp_path):
 
     config = tiny_config("smoke")
     config.matmul_precision = "fast"
-    with pytest.raises(ValueError, match=r"config\.matmul_precision='fast'; one of"):
+    with pytest.raises(ValueError, match=r"config\.matmul_precision='fast': one of"):
         train_and_evaluate(config, tmp_path / "h")
     assert not (tmp_path / "h").exists()
 
 
 def test_pen_lora_targets_reach_the_reinforce_config():
-    """``pen.lora_targets`` picks the PEN kernels REINFORCE trains; a config without the field
-    (a workdir from before it existed) means the attention q / v default."""
+    """``pen.lora_targets`` picks the PEN kernels REINFORCE trains; a saved config without the
+    field (a workdir from before it existed) means the attention q / v default."""
     from parrot_jax.expansion.reinforce import DEFAULT_LORA_TARGETS
-    from parrot_jax.training.loop import pen_configs
+
+    def targets(config):
+        return Settings.of(config, 8, 4).pen_rl.lora_targets
 
     config = tiny_config("smoke")
-    assert pen_configs(config)[1].lora_targets == DEFAULT_LORA_TARGETS
+    assert targets(config) == DEFAULT_LORA_TARGETS
     config.pen.lora_targets = "lm_head/kernel$"
-    assert pen_configs(config)[1].lora_targets == "lm_head/kernel$"
-    del config.pen["lora_targets"]
-    assert pen_configs(config)[1].lora_targets == DEFAULT_LORA_TARGETS
+    assert targets(config) == "lm_head/kernel$"
+    saved = config_dict(config)
+    del saved["pen"]["lora_targets"]
+    assert targets(schema.upgrade(saved)) == DEFAULT_LORA_TARGETS
 
 
 def test_group_prompts_share_a_prompt_and_its_identifier():
@@ -223,17 +226,19 @@ def test_group_prompts_share_a_prompt_and_its_identifier():
     prompts = [f"prompt {i}" for i in range(50)]
     config = tiny_config("")  # 4 groups
     config.num_groups = 8
-    config.pen.expansions_per_prompt = 2
+
+    def settings(expansions_per_prompt):
+        config.pen.expansions_per_prompt = expansions_per_prompt
+        return Settings.of(schema.check(config), 8, 4)
+
     key = jax.random.key(0)
-    ids, k = group_prompts(prompts, config, position=3, step=5, num_rewards=4, key=key)
+    ids, k = group_prompts(prompts, settings(2), position=3, step=5, num_rewards=4, key=key)
     np.testing.assert_array_equal(ids, np.repeat(draw_prompts(prompts, config.seed, 3, 4), 2))
     assert len(set(ids.tolist())) == 4
     np.testing.assert_array_equal(k, np.repeat([0, 1, 2, 3], 2))  # start 5 * 4 = 20 = 0 mod 4
-    config.pen.expansions_per_prompt = 4
-    _, k = group_prompts(prompts, config, position=3, step=1, num_rewards=4, key=key)
+    _, k = group_prompts(prompts, settings(4), position=3, step=1, num_rewards=4, key=key)
     np.testing.assert_array_equal(k, [2, 2, 2, 2, 3, 3, 3, 3])  # prompts 2 and 3 of the cycle
-    config.pen.expansions_per_prompt = 1
-    ids, k = group_prompts(prompts, config, position=3, step=1, num_rewards=4, key=key)
+    ids, k = group_prompts(prompts, settings(1), position=3, step=1, num_rewards=4, key=key)
     np.testing.assert_array_equal(ids, draw_prompts(prompts, config.seed, 3, 8))
     np.testing.assert_array_equal(k, [0, 1, 2, 3, 0, 1, 2, 3])
 
@@ -287,7 +292,7 @@ def test_presets_change_what_trains(preset, tmp_path):
 
 def test_scalarised_presets_drop_the_pareto_filter():
     for preset, mode in (("weighted_sum", "weighted_sum"), ("single", "single"), ("", "paper")):
-        adv = advantage_config(tiny_config(f"smoke,{preset}"))
+        adv = Settings.of(tiny_config(f"smoke,{preset}"), 8, 4).advantage
         assert adv.mode == mode and adv.uses_pareto == (mode == "paper")
     with pytest.raises(ValueError, match="unknown configs/tiny.py variant"):
         tiny_config("smoke,nonsense")
@@ -315,8 +320,7 @@ def test_sd15_config_builds_and_checks(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("no_pareto")
-    check_fields(config)
-    sizes = derived_sizes(config, 8)
+    sizes = Settings.of(schema.check(config), 8, 4).sizes
     assert (sizes.batch, sizes.minibatch) == (256, 64) and not config.advantage.pareto
     assert config.sample.num_steps == 50 and config.t2i.clip_range == 1e-4
     # Offline, the hub ids cannot be fetched: the error names the field.

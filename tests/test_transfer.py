@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_schedule import SD15
 
-from parrot_jax import transfer
+from parrot_jax.analysis import transfer
 from parrot_jax.diffusion import CFG, DDIMSchedule, branch_contexts
 
 K, GROUPS, N, STEPS = 3, 4, 16, 4  # identifiers (= rewards = latent channels), groups, images
@@ -136,9 +136,10 @@ def test_group_zscore():
 
 
 def test_bad_options_exit_with_a_message(tmp_path, capsys):
-    for args, message in ((["--images", "1"], "--images 1"), (["--step", "0"], "--step 0.0"),
+    for args, message in ((["--num_images", "1"], "--num_images 1"),
+                          (["--step_size", "0"], "--step_size 0.0"),
                           ([], "config.json: missing")):
         with pytest.raises(SystemExit) as e:
-            transfer.main([str(tmp_path), *args])
+            transfer.main(["--workdir", str(tmp_path), *args])
         assert e.value.code == 2
         assert message in capsys.readouterr().err

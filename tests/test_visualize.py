@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from parrot_jax.training.loop import check_eval_prompts, derived_sizes
+from parrot_jax import config as schema
 from parrot_jax.training.metrics import MetricsWriter, read_metrics
 from parrot_jax.training.tensorboard import TensorBoardWriter
 from parrot_jax.training.visualize import (
@@ -133,12 +133,12 @@ def test_eval_fields_are_checked():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("smoke")
-    assert check_eval_prompts(config) == list(config.eval_prompts)
+    schema.check(config)
     for bad in (("a", "b", "c"), (), ("a", " ")):  # more than num_groups=2, none, a blank one
         config.eval_prompts = bad
-        with pytest.raises(ValueError, match=r"config\.eval_prompts="):
-            check_eval_prompts(config)
+        with pytest.raises(ValueError, match=r"config\.eval_prompts"):
+            schema.check(config)
     config = module.get_config("smoke")
     config.eval_every = 0
     with pytest.raises(ValueError, match=r"config\.eval_every=0"):
-        derived_sizes(config, 8)
+        schema.check(config)

@@ -10,7 +10,7 @@ Built with the ``tokenizers`` library (a transformers dependency), so nothing is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -68,3 +68,29 @@ def train_clip_tokenizer(corpus: Iterable[str], vocab_size: int, *,
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=model_max_length, bos_token=bos, eos_token=eos,
         pad_token=eos, unk_token=eos)
+
+
+def build_clip_tokenizer(corpus: Sequence[str], context: int) -> Any:
+    """CLIP's conventions on a word-level vocabulary: lower-cased words and punctuation runs of
+    ``corpus`` (sorted, so the same corpus always gives the same ids), ``<|startoftext|>``
+    (id 0) first, ``<|endoftext|>`` (id 1) last and as padding, ``<|unk|>`` (id 2) for unknown
+    words, ``context`` tokens. (``tokenizers``' BPE trainer breaks count ties differently from
+    one process to the next; a tiny run must rebuild the same vocabulary to resume exactly.)"""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for text in corpus
+                    for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))})
+    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    vocab = {t: i for i, t in enumerate(special + [w for w in words if w not in special])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=context, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>")

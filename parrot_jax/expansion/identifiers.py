@@ -1,4 +1,4 @@
-"""Reward-specific identifiers (METHOD.md §2): ``"<reward k>, "`` before the expanded prompt.
+"""Reward-specific identifiers (docs/method.md): ``"<reward k>, "`` before the expanded prompt.
 
 They are plain text through the frozen text encoder; only the UNet learns to respond to them. In
 training each group gets one identifier (the reward its update maximises); at inference a chosen

@@ -4,7 +4,7 @@ For each group g (one prompt ``c_g``, one sampled expansion ``ĉ_g``), ``A_g`` i
 the training loop derives from the group's Pareto-selected images. The paper's loss is
 ``mean_g(-A_g · log p_φ(ĉ_g | c_g))`` with ``log p`` the sum of the expansion's token log-probs
 (EOS included), and only LoRA factors trained. Two options, both off in the ``paper`` preset
-(METHOD.md §9, item 9, explains why one may want them):
+(docs/method.md explains why one may want them):
 
 * ``group_baseline``: subtract a mean advantage (variance reduction; equal advantages then give
   no gradient): over the batch of groups, or, when the loop expands each prompt
@@ -85,7 +85,7 @@ class PENRLConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PENRLConfig:
         """``paper``: plain REINFORCE, no baseline, no KL. ``regularised``: group baseline and
-        ``kl_coef=0.05`` (not in the paper; METHOD.md §9, item 9)."""
+        ``kl_coef=0.05`` (not in the paper; docs/method.md)."""
         presets = {"paper": {}, "regularised": {"group_baseline": True, "kl_coef": 0.05}}
         if name not in presets:
             raise ValueError(f"unknown PEN RL preset {name!r}; choose from {sorted(presets)}")

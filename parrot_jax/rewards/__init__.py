@@ -1,4 +1,4 @@
-"""Reward heads and the reward set that evaluates them in one jitted call (METHOD.md §5)."""
+"""Reward heads and the reward set that evaluates them in one jitted call (docs/method.md)."""
 
 from parrot_jax.rewards.aesthetic import (
     LAION_AESTHETIC_DIMS,

@@ -1,6 +1,6 @@
 """The paper-scale reward set: public checkpoints by hub id, fetched on the user's machine.
 
-Parrot's four rewards (METHOD.md §10.3), in the paper's order (aesthetics, human preference,
+Parrot's four rewards (docs/method.md), in the paper's order (aesthetics, human preference,
 text-image alignment, sentiment), with public stand-ins where the paper's models are private:
 
 - aesthetics: the LAION improved aesthetic predictor (``sac+logos+ava1-l14-linearMSE.pth``, from
@@ -112,6 +112,15 @@ def build_parrot_rewards(config: ParrotRewardsConfig = ParrotRewardsConfig(), *,
     if config.jpeg:
         heads.append(JpegCompressibility())
     return RewardSet(heads, sharding=sharding)
+
+
+def load_parrot_rewards(argument: str, *, sharding: Any = None,
+                        dtype: str = "float32") -> RewardSet:
+    """``config.model.rewards = 'parrot'``: ``build_parrot_rewards`` with the default checkpoints
+    at ``dtype`` (registered in the ``parrot_jax.reward_sets`` entry-point group)."""
+    if argument:
+        raise ValueError(f"'parrot' takes no argument, got {argument!r}")
+    return build_parrot_rewards(ParrotRewardsConfig(dtype=dtype), sharding=sharding)
 
 
 def _name(path: str, processor: str | None) -> str:

@@ -1,5 +1,5 @@
 """Advantages for the T2I update from the reward matrix: Parrot's Pareto-filtered modes and the
-paper's baselines (METHOD.md §1.3, §4.4, §4.6).
+paper's baselines (docs/method.md).
 
 Samples come in ``G`` contiguous groups of ``n`` (one prompt and one identifier per group, as in
 Algorithm 1); ``reward_ids [N]`` names the reward ``k`` each sample's update maximises (its

@@ -161,3 +161,18 @@ def _hv(points: np.ndarray) -> float:
         if heights[i] > below:
             total += (heights[i] - below) * _hv(pts[: i + 1, :-1])
     return total
+
+
+def front_hypervolume(rewards: np.ndarray, reference: np.ndarray | None) -> float:
+    """Hypervolume of the batch's non-dominated front ``rewards [B, K]`` (NaN rows ignored),
+    measured from ``reference [K]``, or, with None, from each reward's minimum over the valid
+    rows (so it compares fronts within a run; points on the minimum contribute nothing)."""
+    rewards = np.asarray(rewards, np.float64)
+    valid = rewards[~np.any(np.isnan(rewards), axis=1)]
+    if len(valid) == 0:
+        return 0.0
+    ref = valid.min(axis=0) if reference is None else reference
+    # The front, by brute force on the host (B is at most a few hundred).
+    dominated = np.array([np.any(np.all(valid >= r, axis=1) & np.any(valid > r, axis=1))
+                          for r in valid])
+    return hypervolume(valid[~dominated], ref)

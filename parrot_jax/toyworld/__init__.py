@@ -1,4 +1,4 @@
-"""The toy world: a small procedural image world with its own small models (DESIGN.md §6).
+"""The toy world: a small procedural image world with its own small models (docs/toyworld.md).
 
 Images are 32x32 RGB, one shape on a plain background, described by eight discrete attributes.
 Everything Parrot needs at paper scale exists here in miniature, so a run on a laptop CPU shows

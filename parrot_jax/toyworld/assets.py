@@ -113,6 +113,12 @@ def load_rewards(root: str | Path = ASSETS, *, sharding: Any = None,
                             pickscore_params=pick, sharding=sharding)
 
 
+def reward_set(argument: str, *, sharding: Any = None, dtype: Any = "float32") -> Any:
+    """``config.model.rewards = 'toy'`` (the shipped assets) or ``'toy:<assets folder>'``:
+    ``load_rewards`` as the ``parrot_jax.reward_sets`` entry point ``toy``."""
+    return load_rewards(argument or ASSETS, sharding=sharding, dtype=dtype)
+
+
 def read_prompt_file(root: str | Path, name: str) -> list[str]:
     from parrot_jax.data.promptist import read_prompts
 

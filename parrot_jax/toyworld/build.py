@@ -19,7 +19,6 @@ new or empty (``--overwrite`` replaces an earlier build's files).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -210,18 +209,26 @@ def build(config: BuildConfig, out: str | Path) -> dict[str, Any]:
     return manifest
 
 
+PROG = "python -m parrot_jax.toyworld.build"
+
+
+def _define(values: Any, argv: list[str]) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", str(assets.ASSETS), "asset folder to write", flag_values=values)
+    flags.DEFINE_integer("seed", 0, "seed of every stage", flag_values=values)
+    flags.DEFINE_bool("quick", False, "a few steps per stage", flag_values=values)
+    flags.DEFINE_bool("overwrite", False, "replace an existing build in --out",
+                      flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.toyworld.build",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(assets.ASSETS), help="asset folder to write")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing build in --out")
-    args = parser.parse_args(argv)
+    from parrot_jax import cli
+
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {out}: not empty; pass --overwrite to replace it")
+        cli.fail(PROG, f"--out {out}: not empty; pass --overwrite to replace it")
     config = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
     start = time.perf_counter()
     manifest = build(config, out)
@@ -232,4 +239,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from parrot_jax import cli
+
+    cli.entry_point(main)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from parrot_jax.toyworld.world import ATTRIBUTES, Scenes, num_scenes
+from parrot_jax.toyworld.world import ATTRIBUTES, Scenes, num_scenes, sample_scenes
 
 POSITION_PHRASES = {"centre": "centered", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
@@ -164,3 +164,8 @@ def vocabulary() -> list[str]:
     for key in _phrase_table():
         words.update(key)
     return sorted(words) + [","]
+
+
+def scenes_for_prompt(prompt: str, rng: np.random.Generator, n: int) -> Scenes:
+    """N scenes matching ``prompt``: attributes it names are fixed, the rest drawn at random."""
+    return sample_scenes(rng, n, parse(prompt))

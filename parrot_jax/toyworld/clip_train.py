@@ -33,9 +33,9 @@ from parrot_jax.models.clip import (
     CLIPTextModel,
     CLIPVisionConfig,
 )
+from parrot_jax.models.random_init import random_params
 from parrot_jax.rewards.preprocess import ImageProcessorConfig, preprocess
 from parrot_jax.toyworld import captions, render, world
-from parrot_jax.training.models import random_params
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clamps the learned temperature at 100
 

@@ -252,7 +252,7 @@ def preference_pairs(rng: np.random.Generator, n: int, tokenizer: Any, p_match: 
     matched = rng.random(2 * n) < p_match
     scenes = world.sample_scenes(rng, 2 * n)
     for i in np.flatnonzero(matched):
-        fixed = world.scenes_for_prompt(doubled[i], rng, 1)
+        fixed = captions.scenes_for_prompt(doubled[i], rng, 1)
         for a in scenes:
             scenes[a][i] = fixed[a][0]
     images = render.render(scenes, rng)

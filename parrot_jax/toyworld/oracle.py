@@ -140,3 +140,9 @@ def oracle_metrics(images: np.ndarray, prompts: Sequence[str]) -> dict[str, np.n
                shape_iou=shape_iou, area=area, centroid_offset=centroid_offset,
                sharpness=sharpness)
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def image_metrics(images: np.ndarray, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """``oracle_metrics`` named ``oracle/<metric>``: the ``parrot_jax.image_metrics`` entry
+    point ``toy_oracle`` (``config.final_eval.image_metrics``)."""
+    return {f"oracle/{k}": v for k, v in oracle_metrics(images, prompts).items()}

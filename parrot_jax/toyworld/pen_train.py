@@ -25,10 +25,10 @@ from parrot_jax.data.pipeline import PairEncoder, train_dataset
 from parrot_jax.data.promptist import PromptPair
 from parrot_jax.expansion.sampling import greedy
 from parrot_jax.expansion.template import InstructionTemplate, decode, tokenize_prompts
+from parrot_jax.models.random_init import random_params
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.toyworld import captions, world
 from parrot_jax.training import pen_sft
-from parrot_jax.training.models import random_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ def clip_tokenizer(context_length: int = CLIP_CONTEXT, num_rewards: int = NUM_RE
     sampling), with each reward identifier appended as one (non-special) token."""
     from tokenizers import AddedToken
 
-    from parrot_jax.training.models import build_clip_tokenizer
+    from parrot_jax.data.tokenizer import build_clip_tokenizer
 
     if context_length < 3:
         raise ValueError(f"context_length={context_length}: needs room for start, a word, end")

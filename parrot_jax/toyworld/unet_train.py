@@ -339,7 +339,7 @@ def train_unet(config: UNetTrainConfig, vae: AutoencoderKL, vae_params: Any,
     ``pool_seconds``, ``train_seconds``, ``steps_per_second`` (after compilation), and with
     ``eval_prompts > 0`` ``sample_*`` oracle metrics and accuracies of samples beside the same
     ``render_*`` numbers for true renders of the prompts, ``sample_seconds``."""
-    from parrot_jax.training.models import random_params
+    from parrot_jax.models.random_init import random_params
 
     unet = build_unet(config, vae, text_encoder, image_size)
     context = text_encoder.config.max_position_embeddings
@@ -418,7 +418,7 @@ def train_unet(config: UNetTrainConfig, vae: AutoencoderKL, vae_params: Any,
                                guidance_scale=config.guidance_scale, eta=config.eta,
                                scheduler=config.scheduler_config)
         metrics["sample_seconds"] = time.perf_counter() - start
-        truth = np.concatenate([render.render(world.scenes_for_prompt(p, prompt_rng, 1),
+        truth = np.concatenate([render.render(captions.scenes_for_prompt(p, prompt_rng, 1),
                                               prompt_rng, image_size) for p in prompts])
         metrics.update(sample_metrics(images, prompts, "sample"))
         metrics.update(sample_metrics(truth, prompts, "render"))

@@ -196,7 +196,7 @@ def train_vae(config: VAETrainConfig = VAETrainConfig(),
     the first / last 10% of steps), ``recon_last``, ``kl_last``, ``eval_psnr`` (dB, mean over
     held-out renders, posterior means), ``scaling_factor``, ``latent_mean``, ``latent_std``,
     ``train_seconds``, ``steps_per_second`` (after compilation)."""
-    from parrot_jax.training.models import random_params
+    from parrot_jax.models.random_init import random_params
 
     vae_cfg = VAEConfig.from_diffusers(config.diffusers_config(), "VAETrainConfig")
     vae = AutoencoderKL(vae_cfg)

@@ -70,13 +70,6 @@ def sample_scenes(rng: np.random.Generator, n: int,
     return scenes
 
 
-def scenes_for_prompt(prompt: str, rng: np.random.Generator, n: int) -> Scenes:
-    """N scenes matching ``prompt``: attributes it names are fixed, the rest drawn at random."""
-    from parrot_jax.toyworld.captions import parse  # captions imports this module
-
-    return sample_scenes(rng, n, parse(prompt))
-
-
 def all_scenes() -> Scenes:
     """Every combination of attribute values (24,000 scenes), in ``np.ndindex`` order."""
     grids = np.meshgrid(*[np.arange(len(v)) for v in ATTRIBUTES.values()], indexing="ij")

@@ -1,19 +1,21 @@
 """The end-of-training comparison: base vs trained models on held-out prompts.
 
-``final_evaluation(config, workdir)`` runs when ``config.final_eval.prompts`` names a prompt
-file: both models generate ``num_images`` images per prompt the way the paper infers (PEN
-expansion, the reward identifiers, original-prompt-centred guidance; ``parrot_jax.evaluate``'s
-code, paired noise), every reward scores them, and, with ``final_eval.oracle``, the toy world's
-pixel oracle measures them too. Both hypervolumes are ``parrot_jax.evaluate``'s: of all images'
-reward vectors, and the mean over prompts of each prompt's. Writes ``workdir/final_eval.json``::
+``final_evaluation`` runs when ``config.final_eval.prompts`` names a prompt file: both policies
+generate ``num_images`` images per prompt the way the paper infers (PEN expansion, the reward
+identifiers, original-prompt-centred guidance; ``scoring.score``, paired noise), every reward
+scores them, and the image metrics ``final_eval.image_metrics`` names (registered plugins, e.g.
+the toy world's pixel oracle) measure them too. Both hypervolumes are ``scoring``'s: of all
+images' reward vectors, and the mean over prompts of each prompt's. Writes
+``workdir/final_eval.json``::
 
     {"base": {<reward>: mean, ..., "hypervolume": hv, "hypervolume_per_prompt": hv_p,
-              "oracle/<metric>": mean, ...},
+              "<metric>": mean, ...},
      "trained": {...}, "details": {stds, the hypervolume reference, prompts, settings,
                                    each model's greedy expansion of each prompt and how many
                                    differ, every image's reward vector}}
 
-and returns it; ``table`` renders it for the console.
+and returns it; ``table`` renders it for the console. ``final_evaluation_of`` does the same for
+a finished workdir (its config.json, untrained models and latest checkpoint).
 """
 
 from __future__ import annotations
@@ -22,66 +24,65 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 import numpy as np
 from absl import logging
 
+from parrot_jax import plugins, policy, scoring
 from parrot_jax.data.promptist import read_prompts
-from parrot_jax.expansion import parse_identifiers
-from parrot_jax.training.precision import under_matmul_precision
+from parrot_jax.policy import Policy, Samples
+from parrot_jax.precision import matmul_precision
+from parrot_jax.training.settings import FinalEval, final_eval
 
 FINAL_EVAL_FILE = "final_eval.json"
 
 
-@under_matmul_precision()
-def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                     filename: str = FINAL_EVAL_FILE) -> dict[str, Any]:
-    """Score the untrained and the latest checkpoint's models (module docstring); the record
-    goes to ``workdir/filename``. Runs under the run's ``matmul_precision``."""
-    from parrot_jax import evaluate
-    from parrot_jax.sample import Samples, load_runs
+def final_evaluation(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path, *,
+                     filename: str = FINAL_EVAL_FILE, w1: float | None = None
+                     ) -> dict[str, Any]:
+    """Score the ``base`` and ``trained`` policies (module docstring); the record goes to
+    ``workdir/filename``. ``w1`` overrides the original prompt's guidance weight (0: plain
+    guidance on the identified expansion). Runs under the run's ``matmul_precision``."""
+    with matmul_precision(trained.config):
+        return _evaluate(fe, base, trained, workdir, filename, w1)
 
-    fe = config.final_eval
+
+def _evaluate(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path,
+              filename: str, w1: float | None) -> dict[str, Any]:
     prompts = read_prompts(fe.prompts)
-    trained, base = load_runs(workdir, base=True)
-    rewards = trained.models.rewards
-    names = list(rewards.names)
-    ids = [] if fe.identifiers == "none" else parse_identifiers(fe.identifiers, len(names))
-    oracle = None
-    if fe.oracle:
-        from parrot_jax.toyworld.oracle import oracle_metrics as oracle
+    names = list(trained.models.rewards.names)
+    metrics = plugins.image_metrics(fe.image_metrics)
+    w1 = fe.w1 if w1 is None else w1
     values, measured, expansions = {}, {}, {}
-    try:
-        for label, loaded in (("base", base), ("trained", trained)):
-            samples: list[Samples] = []
-            logging.info("Final evaluation: %s models, %d prompts x %d images", label,
-                         len(prompts), fe.num_images)
-            values[label] = evaluate.score(
-                loaded, prompts, identifiers=ids, w1=fe.w1, w2=fe.w2, expand_prompt=True,
-                greedy=True, num_images=fe.num_images, seed=fe.seed,
-                batch_prompts=fe.batch_prompts, on_samples=samples.append)
-            expansions[label] = [e for s in samples for e in s.expansions]
-            if oracle is not None:
-                per_image = [p for p in prompts for _ in range(fe.num_images)]
-                metrics = oracle(np.concatenate([s.images for s in samples]), per_image)
-                measured[label] = {f"oracle/{k}": float(np.mean(v)) for k, v in metrics.items()}
-    finally:
-        rewards.close()
+    for label, model in (("base", base), ("trained", trained)):
+        samples: list[Samples] = []
+        logging.info("Final evaluation: %s models, %d prompts x %d images", label,
+                     len(prompts), fe.num_images)
+        values[label] = scoring.score(
+            model, prompts, identifiers=fe.identifiers, w1=w1, w2=fe.w2, expand_prompt=True,
+            greedy=True, num_images=fe.num_images, seed=fe.seed,
+            batch_prompts=fe.batch_prompts, on_samples=samples.append)
+        expansions[label] = [e for s in samples for e in s.expansions]
+        measured[label] = {}
+        per_image = [p for p in prompts for _ in range(fe.num_images)]
+        images = np.concatenate([s.images for s in samples]) if metrics else None
+        for measure in metrics:
+            for name, v in measure(images, per_image).items():
+                measured[label][name] = float(np.mean(v))
     changed = sum(b != t for b, t in zip(expansions["base"], expansions["trained"]))
     logging.info("Final evaluation: the trained PEN's greedy expansion differs from the "
                  "untrained one on %d of %d held-out prompts", changed, len(prompts))
-    results, reference = evaluate.with_hypervolumes(values, names, num_images=fe.num_images)
+    results, reference = scoring.with_hypervolumes(values, names, num_images=fe.num_images)
     record: dict[str, Any] = {}
     for label in ("base", "trained"):
         record[label] = {n: results[label][n]["mean"] for n in names}
         for key in ("hypervolume", "hypervolume_per_prompt"):
             record[label][key] = results[label][key]
-        record[label].update(measured.get(label, {}))
+        record[label].update(measured[label])
     record["details"] = {
         "std": {label: {n: results[label][n]["std"] for n in names} for label in values},
         "hypervolume_reference": reference, "rewards": names, "prompts": str(fe.prompts),
         "num_prompts": len(prompts), "num_images": fe.num_images, "seed": fe.seed,
-        "identifiers": [i + 1 for i in ids], "guidance": {"w1": fe.w1, "w2": fe.w2},
+        "identifiers": [i + 1 for i in fe.identifiers], "guidance": {"w1": w1, "w2": fe.w2},
         "trained_step": trained.step,
         # Each model's greedy PEN expansion of each prompt: whether RL changed what the PEN
         # writes (the rewards alone cannot tell a PEN that moved from one that did not).
@@ -92,6 +93,20 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     }
     (Path(workdir) / filename).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def final_evaluation_of(workdir: str | Path, *, filename: str = FINAL_EVAL_FILE,
+                        w1: float | None = None) -> dict[str, Any]:
+    """``final_evaluation`` of a finished workdir: its ``config.final_eval``, its untrained
+    models and its latest checkpoint, loaded once."""
+    trained, base = policy.load(workdir, base=True)
+    try:
+        fe = final_eval(trained.config.final_eval, len(trained.models.rewards.names))
+        if fe is None:
+            raise policy.RunError(f"{workdir}: config.final_eval.prompts is not set")
+        return final_evaluation(fe, base, trained, workdir, filename=filename, w1=w1)
+    finally:
+        trained.models.rewards.close()
 
 
 def table(record: dict[str, Any]) -> str:

@@ -18,8 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from parrot_jax.rl.pareto import hypervolume
+from jax.experimental import multihost_utils
 
 METRICS_FILE = "metrics.jsonl"
 # Metrics whose non-finite value stops the run (a diverged update).
@@ -40,19 +39,10 @@ def parse_reference(spec: str, num_rewards: int) -> np.ndarray | None:
     return np.asarray(values, np.float64)
 
 
-def front_hypervolume(rewards: np.ndarray, reference: np.ndarray | None) -> float:
-    """Hypervolume of the batch's non-dominated front ``rewards [B, K]`` (NaN rows ignored),
-    measured from ``reference [K]``, or, with None, from each reward's minimum over the valid
-    rows (so it compares fronts within a run; points on the minimum contribute nothing)."""
-    rewards = np.asarray(rewards, np.float64)
-    valid = rewards[~np.any(np.isnan(rewards), axis=1)]
-    if len(valid) == 0:
-        return 0.0
-    ref = valid.min(axis=0) if reference is None else reference
-    # The front, by brute force on the host (B is at most a few hundred).
-    dominated = np.array([np.any(np.all(valid >= r, axis=1) & np.any(valid > r, axis=1))
-                          for r in valid])
-    return hypervolume(valid[~dominated], ref)
+def host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array on every host."""
+    return np.asarray(x if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True))
 
 
 class MetricsWriter:

@@ -48,11 +48,12 @@ from parrot_jax.expansion.scoring import token_log_probs
 from parrot_jax.expansion.template import InstructionTemplate
 from parrot_jax.models.lora import LoRA, init_lora, merge
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
+from parrot_jax.workdir import CHECKPOINT_DIR, checkpoint_manager
 
 FILE_FORMATS = ("jsonl", "tsv", "rephrase")
 DATA_FORMATS = ("synthetic", "tfds") + FILE_FORMATS
 TOKENIZER_DIR = "tokenizer"
-CHECKPOINT_DIR = "checkpoints"
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -293,15 +294,6 @@ def heldout_loss(module: T5ForConditionalGeneration, base: Any, trainable: Any,
 
 # --- checkpoints and metrics -----------------------------------------------------------------
 
-def checkpoint_manager(workdir: str | os.PathLike, max_to_keep: int | None = None,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-    """The orbax manager of ``workdir/checkpoints`` (one item, ``state``)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only)
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
-                                 item_names=("state",))
-
-
 def _write_metrics(workdir: Path, record: dict[str, Any]) -> None:
     if jax.process_index() == 0:
         with open(workdir / METRICS_FILE, "a") as f:
@@ -438,23 +430,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return result
 
 
-def main() -> None:
-    """absl entry point: ``--config file.py:arg`` (ml_collections) and ``--workdir``."""
-    from absl import app, flags
+PROG = "python -m parrot_jax.training.pen_sft"
+
+
+def _define(values: Any, argv: list[str]) -> None:
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "SFT config file (:arg)",
-                                                  lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go")
-    flags.mark_flags_as_required(["config", "workdir"])
+    config_flags.DEFINE_config_file("config", None, "SFT config file (path.py[:arg])",
+                                    flag_values=values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "where checkpoints and metrics go", flag_values=values)
 
-    def run(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        train_and_evaluate(config_flag.value, workdir_flag.value)
 
-    app.run(run)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m parrot_jax.training.pen_sft --config configs/pen_sft.py[:arg] --workdir W``
+    (``parrot_jax.cli`` flags)."""
+    from parrot_jax import cli
+
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
+    if args.config is None or not args.workdir:
+        cli.fail(PROG, "--config and --workdir are required")
+    return train_and_evaluate(args.config, args.workdir)
 
 
 if __name__ == "__main__":
-    main()
+    from parrot_jax import cli
+
+    cli.entry_point(main)

@@ -1,6 +1,6 @@
 """The jitted, sharded T2I update: DDPO's clipped importance-ratio objective over stored
 trajectories, gradients accumulated over the trained timesteps inside one ``lax.scan``, then one
-optax update (METHOD.md §4.3, §4.5, §8.3).
+optax update (docs/method.md).
 
 Each sample trains on a random subset of its own timesteps (``timestep_fraction`` of S, permuted
 independently per sample as DDPO does). Every scan step re-scores one transition per sample under
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,19 +23,19 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax import struct
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
 from parrot_jax import parallel
 from parrot_jax.diffusion import DDIMSchedule, Guidance
-from parrot_jax.models.lora import LoRA, init_lora, merge
 from parrot_jax.optim import clipped_adamw
 from parrot_jax.rl.losses import ddpo_timestep_loss
-
-TRAINABLE = {  # preset name -> regex over '/'-joined parameter paths
-    "cross_attention": r"(^|/)attn2/",
-    "all": r".*",
-}
+from parrot_jax.weights import (
+    T2I_LORA_ALPHA,
+    T2I_LORA_RANK,
+    T2I_LORA_TARGETS,
+    merged_params,
+    split_params,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +45,9 @@ class T2IUpdateConfig:
 
     trainable: str = "cross_attention"  # 'cross_attention' | 'all' | 'lora' | 'regex'
     trainable_regex: str = ""  # trainable='regex': parameters whose path matches (re.search)
-    lora_targets: str = r"attn2/(query|key|value|proj_attn)/kernel"  # trainable='lora'
-    lora_rank: int = 4  # trainable='lora': rank of the factors
-    lora_alpha: float = 4.0  # trainable='lora': scale numerator (delta = alpha / rank * A @ B)
+    lora_targets: str = T2I_LORA_TARGETS  # trainable='lora'
+    lora_rank: int = T2I_LORA_RANK  # trainable='lora': rank of the factors
+    lora_alpha: float = T2I_LORA_ALPHA  # trainable='lora': scale numerator (alpha / rank * A @ B)
     learning_rate: float = 1e-5  # AdamW step size
     warmup_steps: int = 0  # optimiser steps of linear warm-up of the rate from 0 (0: constant)
     b1: float = 0.9  # AdamW first-moment decay
@@ -100,45 +99,6 @@ class T2ITrainState:
     trainable: Any
     frozen: Any
     opt_state: Any
-
-
-def trainable_regex(config: T2IUpdateConfig) -> str:
-    if config.trainable == "regex":
-        if not config.trainable_regex:
-            raise ValueError("T2IUpdateConfig.trainable='regex' needs trainable_regex")
-        return config.trainable_regex
-    if config.trainable not in TRAINABLE:
-        raise ValueError(f"T2IUpdateConfig.trainable = {config.trainable!r}; expected one of "
-                         f"{(*TRAINABLE, 'lora', 'regex')}")
-    return TRAINABLE[config.trainable]
-
-
-def split_params(params: Any, config: T2IUpdateConfig,
-                 key: jax.Array | None = None) -> tuple[Any, Any]:
-    """``(trainable, frozen)`` from a nested parameter tree.
-
-    Subset modes: two flat dicts keyed by ``/``-joined paths. LoRA: fresh factors (``key``
-    needed; B = 0 so nothing changes yet) and the whole tree frozen. Raises when nothing is
-    trainable.
-    """
-    if config.trainable == "lora":
-        if key is None:
-            raise ValueError("trainable='lora' needs a PRNG key for the LoRA factors")
-        return init_lora(key, params, rank=config.lora_rank, alpha=config.lora_alpha,
-                         targets=config.lora_targets), params
-    pattern = re.compile(trainable_regex(config))
-    flat = flatten_dict(params, sep="/")
-    trainable = {k: v for k, v in flat.items() if pattern.search(k)}
-    if not trainable:
-        raise ValueError(f"trainable regex {pattern.pattern!r} matches no parameter")
-    return trainable, {k: v for k, v in flat.items() if k not in trainable}
-
-
-def merged_params(trainable: Any, frozen: Any) -> Any:
-    """The full nested parameter tree for ``apply``."""
-    if isinstance(trainable, LoRA):
-        return merge(frozen, trainable)
-    return unflatten_dict({**frozen, **trainable}, sep="/")
 
 
 def make_optimizer(config: T2IUpdateConfig) -> optax.GradientTransformation:
@@ -264,6 +224,19 @@ def batch_shardings(mesh: Mesh) -> T2IBatch:
     data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     return T2IBatch(latents=data, log_probs=data, timesteps=rep, contexts=data,
                     advantages=data, selected=data)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def minibatch(sharding: T2IBatch, batch: T2IBatch, rows: jax.Array) -> T2IBatch:
+    """The samples ``rows`` of ``batch`` (timesteps shared), placed over the batch axes as
+    ``sharding`` (``batch_shardings``) says."""
+    take = lambda x, s: jax.lax.with_sharding_constraint(jnp.take(x, rows, axis=0), s)  # noqa: E731
+    return T2IBatch(latents=take(batch.latents, sharding.latents),
+                    log_probs=take(batch.log_probs, sharding.log_probs),
+                    timesteps=batch.timesteps,
+                    contexts=take(batch.contexts, sharding.contexts),
+                    advantages=take(batch.advantages, sharding.advantages),
+                    selected=take(batch.selected, sharding.selected))
 
 
 def put_t2i_batch(batch: T2IBatch, mesh: Mesh) -> T2IBatch:

@@ -1,7 +1,9 @@
-"""PNG pictures of a run, drawn with PIL: a grid of the evaluation prompts' images and a scatter
-of the batch's reward vectors with the selected (non-dominated) samples highlighted.
+"""PNG pictures of a run: a grid of the evaluation prompts' images and a scatter of the batch's
+reward vectors with the selected (non-dominated) samples highlighted.
 
-Both return ``uint8 [H, W, 3]`` arrays; ``png_bytes`` encodes one for a file or TensorBoard.
+``image_grid`` and ``pareto_scatter`` draw with PIL and return ``uint8 [H, W, 3]`` arrays;
+``png_bytes`` encodes one for a file or TensorBoard. ``write_pictures`` renders them during
+training, every ``eval_every`` iterations, into ``workdir/eval`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -10,9 +12,17 @@ import io
 import itertools
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
+from absl import logging
 from PIL import Image, ImageDraw
+
+from parrot_jax import parallel, policy
+from parrot_jax.expansion import decode, identifier_prefix, tokenize_conditioning, tokenize_prompts
+from parrot_jax.training.metrics import host
 
 SELECTED = (220, 40, 40)  # selected (non-dominated) samples
 OTHER = (150, 150, 150)  # the rest of the batch
@@ -120,3 +130,58 @@ def pareto_scatter(rewards: np.ndarray, selected: np.ndarray, names: Sequence[st
                 draw.ellipse((x - RADIUS, y - RADIUS, x + RADIUS, y + RADIUS),
                              fill=SELECTED if keep else OTHER)
     return np.asarray(canvas)
+
+
+# --- the run's evaluation pictures -----------------------------------------------------------
+
+EVAL_COLUMNS = 8  # images per evaluation prompt shown in the grid (of the N rolled out)
+EVAL_KEY = 13  # fold_in index of the evaluation key (10-12: training.state.initial_state's)
+
+
+def eval_images(run: Any, state: dict) -> tuple[np.ndarray, list[str]]:
+    """Images ``[G, N, H, W, 3]`` in [0, 1] of the current policy (PEN LoRA and T2I model of
+    ``state``) for ``config.eval_prompts``, cycled over the G groups, and the G conditioning
+    texts. Row g is conditioned as training conditions a group, on one identifier, k = g mod K
+    (the paper's all-identifier inference text does not fit small CLIP contexts, e.g. the tiny
+    models' 16 tokens). The PEN and the noise use a fixed key apart from the training stream,
+    so successive grids differ only by the policy and a resumed run draws what an
+    uninterrupted one does."""
+    s, m, sizes = run.settings, run.models, run.settings.sizes
+    # Placed as the training keys are, so the training compilations are reused.
+    k_pen, k_roll = jax.device_put(
+        jax.random.split(jax.random.fold_in(jax.random.key(s.seed), EVAL_KEY)),
+        parallel.replicated(run.mesh))
+    prompts = [s.eval_prompts[g % len(s.eval_prompts)] for g in range(sizes.groups)]
+    ids, mask = tokenize_prompts(m.pen_tokenizer, prompts, s.max_prompt_length)
+    expansion = policy.expand_tokens(m.pen, s.pen_sampling, m.pen_params, state["pen"]["lora"],
+                                     ids, mask, k_pen)
+    expanded = decode(m.pen_tokenizer, expansion.tokens, expansion.mask)
+    prefixes = [identifier_prefix([g % len(m.rewards.names)]) for g in range(sizes.groups)]
+    cond = tokenize_conditioning(m.clip_tokenizer, prefixes, expanded, m.context_length)
+    images = host(run.rollout(state, cond["input_ids"], k_roll)[0])
+    return images.reshape(sizes.groups, sizes.group_size, *images.shape[1:]), cond["texts"]
+
+
+def write_pictures(run: Any, state: dict, step: int, rewards: jax.Array, selected: jax.Array,
+                   workdir: Path, tensorboard: Any | None) -> None:
+    """``workdir/eval/grid_<step>.png`` (``eval_images``, up to ``EVAL_COLUMNS`` per prompt)
+    and ``pareto_<step>.png`` (the batch's rewards and selection), also as TensorBoard images.
+    Every process takes part in the rollout; process 0 writes."""
+    images, texts = eval_images(run, state)
+    host_rewards, host_selected = host(rewards), host(selected)
+    if jax.process_index() != 0:
+        return
+    side = max(images.shape[2:4])
+    grid = image_grid(images[:, :EVAL_COLUMNS].reshape(-1, *images.shape[2:]),
+                      min(EVAL_COLUMNS, images.shape[1]), cell=64 if side < 64 else min(side, 256))
+    scatter = pareto_scatter(host_rewards, host_selected, run.models.rewards.names,
+                             title=f"iteration {step}")
+    out = Path(workdir) / "eval"
+    out.mkdir(exist_ok=True)
+    (out / f"grid_{step:06d}.png").write_bytes(png_bytes(grid))
+    (out / f"pareto_{step:06d}.png").write_bytes(png_bytes(scatter))
+    logging.info("iteration %d: evaluation grid rows %s", step, texts)
+    if tensorboard is not None:
+        tensorboard.image(step, "eval/grid", grid)
+        tensorboard.image(step, "pareto/scatter", scatter)
+        tensorboard.flush()

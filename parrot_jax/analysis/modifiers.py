@@ -1,4 +1,4 @@
-"""The slope the PEN climbs: ``python -m parrot_jax.toyworld.modifiers WORKDIR``.
+"""The slope the PEN climbs: ``python -m parrot_jax.analysis.modifiers --workdir W``.
 
 Parrot's PEN update (Algorithm 1's ``∇J_φ``) raises the probability of expansions whose images
 score high on the group's reward ``r_k``; the PEN never sees ``k``. Whether that can teach it
@@ -22,15 +22,25 @@ trade-offs: a PEN that does not see the identifier can only average them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
+from parrot_jax import cli
+from parrot_jax.analysis.as_trained import (
+    define_run_flags,
+    draw_rl_prompts,
+    require_toy_run,
+    score_each_identifier,
+)
+from parrot_jax.policy import RunError, read_config
 from parrot_jax.toyworld.captions import OPTIONAL, parse
+
+PROG = "python -m parrot_jax.analysis.modifiers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +140,10 @@ def landscape(workdir: str | Path, *, trained: bool = False, num_prompts: int = 
     """Sample and score ``num_prompts`` RL prompts x ``repeats`` expansions x K identifiers
     (one image each) with the run's untrained models, or with its latest checkpoint when
     ``trained``."""
-    from parrot_jax.as_trained import draw_rl_prompts, require_toy_run, score_each_identifier
-    from parrot_jax.sample import RunError, read_config
-
     config = read_config(workdir)
     require_toy_run(config, workdir, "the modifier grammar (toy world only)")
     if num_prompts <= 0 or repeats <= 0:
-        raise RunError(f"--prompts {num_prompts} and --repeats {repeats} must be positive")
+        raise RunError(f"--num_prompts {num_prompts} and --repeats {repeats} must be positive")
     chosen, prompts = draw_rl_prompts(config, num_prompts, seed)
     rows = [p for p in prompts for _ in range(repeats)]
     expansions: list[str] = []
@@ -162,26 +169,24 @@ def markdown(names: Sequence[str], effects: Sequence[Effect], images: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    define_run_flags(values)
+    flags.DEFINE_integer("repeats", 4, "expansions per prompt and identifier (one image each)",
+                         flag_values=values)
+    flags.DEFINE_integer("min_count", 8, "images a value must be in, and be absent from, to be "
+                         "measured", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Effect]:
     """Parse ``argv`` (without the program name), measure, print the markdown table."""
-    from parrot_jax.as_trained import add_run_arguments
-    from parrot_jax.sample import RunError
-
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.toyworld.modifiers",
-                                     description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "a toy-world training workdir (train.py's --workdir)")
-    parser.add_argument("--repeats", type=int, default=4,
-                        help="expansions per prompt and identifier (one image each)")
-    parser.add_argument("--min-count", type=int, default=8,
-                        help="images a value must be in, and be absent from, to be measured")
-    args = parser.parse_args(argv)
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     if args.min_count < 2:
-        parser.error("--min-count must be at least 2")
+        cli.fail(PROG, "--min_count must be at least 2")
     try:
-        scored = landscape(args.workdir, trained=args.trained, num_prompts=args.prompts,
+        scored = landscape(args.workdir, trained=args.trained, num_prompts=args.num_prompts,
                            repeats=args.repeats, seed=args.seed)
     except RunError as e:
-        parser.exit(2, f"error: {e}\n")
+        cli.fail(PROG, str(e))
     effects = scored.effects(args.min_count)
     images = len(scored.rewards)
     print(f"{images} images ({'trained' if args.trained else 'untrained'} models); effects in "
@@ -194,4 +199,4 @@ def main(argv: Sequence[str] | None = None) -> list[Effect]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry_point(main)

@@ -1,4 +1,4 @@
-"""The paper's comparison in the toy world: ``python -m parrot_jax.toyworld.table``.
+"""The paper's comparison in the toy world: ``python -m parrot_jax.analysis.table``.
 
 Trains, under one budget (``--iterations``) and for each of ``--seeds``, every method below with
 ``configs/toy.py``, then scores each on the held-out prompts exactly as ``train.py`` ends a run
@@ -28,7 +28,6 @@ images reach furthest; the per-prompt one weighs every prompt. Runs are kept und
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -36,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from parrot_jax import cli, config_files, policy, scoring
+from parrot_jax import config as schema
+from parrot_jax.toyworld import assets
+from parrot_jax.training import train_and_evaluate
+from parrot_jax.training.final_eval import final_evaluation_of
+from parrot_jax.training.visualize import png_bytes
+
+PROG = "python -m parrot_jax.analysis.table"
 ROOT = Path(__file__).resolve().parents[2]
 # method -> (configs/toy.py variant, config overrides)
 TRAINED = {
@@ -54,23 +62,11 @@ IDENTIFIER_FILE = "identifiers.json"
 
 
 def toy_config(variant: str) -> Any:
-    from parrot_jax import config_files
-
     return config_files.load_module(ROOT / "configs" / "toy.py").get_config(variant or None)
-
-
-def _set(config: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    target = config
-    for p in parents:
-        target = target[p]
-    target[leaf] = value
 
 
 def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
     """Train ``method`` with ``seed`` (unless done) -> its workdir (with final_eval.json)."""
-    from parrot_jax.training import train_and_evaluate
-
     workdir = out / "runs" / f"{method}_seed{seed}"
     if (workdir / "final_eval.json").is_file():
         return workdir
@@ -79,8 +75,7 @@ def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
     config.seed = seed
     config.final_eval.seed = seed
     config.num_iterations = iterations
-    for key, value in overrides.items():
-        _set(config, key, value)
+    schema.apply(config, overrides)
     print(f"[table] {method}, seed {seed}: {iterations} iterations -> {workdir}",
           file=sys.stderr, flush=True)
     train_and_evaluate(config, workdir)
@@ -89,16 +84,10 @@ def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
 
 def no_pcg_evaluation(workdir: Path) -> dict[str, Any]:
     """The Parrot run of ``workdir`` scored with ``w1 = 0`` (plain guidance on the expansion)."""
-    from parrot_jax.sample import read_config
-    from parrot_jax.training.final_eval import final_evaluation
-
     path = workdir / NO_PCG_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    config = read_config(workdir)
-    config.final_eval.w1 = 0.0
-    record = final_evaluation(config, workdir, filename=NO_PCG_FILE)
-    return record
+    return final_evaluation_of(workdir, filename=NO_PCG_FILE, w1=0.0)
 
 
 def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
@@ -112,22 +101,19 @@ def identifier_study(workdir: Path, prompts: Sequence[str], num_images: int,
     reward. What training taught an identifier is ``trained - base`` in its row. Kept in
     ``workdir/identifiers.json`` for the same prompts, image count and seed.
     """
-    from parrot_jax import evaluate
-    from parrot_jax.sample import load_runs
-
     path = workdir / IDENTIFIER_FILE
     settings = {"prompts": list(prompts), "num_images": num_images, "seed": seed}
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved["settings"] == settings and "base" in saved:
             return np.asarray(saved["mean"]), np.asarray(saved["base"])
-    trained, base = load_runs(workdir, base=True)
+    trained, base = policy.load(workdir, base=True)
     try:
         study = []
         for loaded in (trained, base):
             rows = []
             for k in range(len(loaded.models.rewards.names)):
-                values = evaluate.score(loaded, prompts, identifiers=[k], w1=5.0, w2=5.0,
+                values = scoring.score(loaded, prompts, identifiers=[k], w1=5.0, w2=5.0,
                                         expand_prompt=True, greedy=True,
                                         num_images=num_images, seed=seed, batch_prompts=8)
                 rows.append(values.mean(axis=0))
@@ -145,9 +131,7 @@ def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
     (``{"hypervolume": {method: [per seed]}, "hypervolume_per_prompt": {...}}``), each from
     references shared by every record: the pooled one from each reward's minimum over every
     image of every record (returned too), the per-prompt one from each prompt's minimum
-    (``evaluate.with_hypervolumes`` over all records at once)."""
-    from parrot_jax.evaluate import with_hypervolumes
-
+    (``scoring.with_hypervolumes`` over all records at once)."""
     values = {(m, i): np.asarray(r["details"]["values"]["base" if m == "base" else "trained"],
                                  np.float64)
               for m, rs in records.items() for i, r in enumerate(rs)}
@@ -157,7 +141,7 @@ def shared_hypervolumes(records: dict[str, list[dict]], names: Sequence[str]
             raise ValueError(f"records were scored with different details.{field}: "
                              f"{sorted(seen)}")
     num_images = next(iter(records.values()))[0]["details"]["num_images"]
-    results, reference = with_hypervolumes(values, names, num_images=num_images)
+    results, reference = scoring.with_hypervolumes(values, names, num_images=num_images)
     return ({key: {m: [results[(m, i)][key] for i in range(len(rs))]
                    for m, rs in records.items()}
              for key in ("hypervolume", "hypervolume_per_prompt")}, reference)
@@ -314,24 +298,23 @@ def bar_chart(summary: dict[str, Any], names: Sequence[str]) -> np.ndarray:
     return np.asarray(image)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from parrot_jax.toyworld import assets
-    from parrot_jax.training.visualize import png_bytes
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("out", "runs/toy_table", "output folder (resumable)",
+                        flag_values=values)
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "comma-separated seeds", flag_values=values)
+    flags.DEFINE_integer("iterations", 30, "Parrot iterations per run", flag_values=values)
+    flags.DEFINE_integer("identifier_images", 8, "images per held-out prompt in the identifier "
+                         "study", flag_values=values)
 
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.toyworld.table",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/toy_table", help="output folder (resumable)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--iterations", type=int, default=30, help="Parrot iterations per run")
-    parser.add_argument("--identifier-images", type=int, default=8,
-                        help="images per held-out prompt in the identifier study")
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = [int(s) for s in args.seeds]
     except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: comma-separated integers")
+        cli.fail(PROG, f"--seeds {','.join(args.seeds)!r}: comma-separated integers")
     if args.iterations <= 0:
-        parser.error("--iterations must be positive")
+        cli.fail(PROG, "--iterations must be positive")
     out = Path(args.out)
     records: dict[str, list[dict]] = {m: [] for m in METHODS}
     studies = []
@@ -367,4 +350,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry_point(main)

@@ -1,4 +1,4 @@
-"""Does an update taken under one identifier stay with it? ``python -m parrot_jax.transfer W``.
+"""Does an update for one identifier stay with it? ``python -m parrot_jax.analysis.transfer``.
 
 Parrot trains the groups conditioned on "<reward k>, ĉ" on ``r_k`` and expects "<reward k>" to
 favour ``r_k`` afterwards (the paper's Fig. 7). That needs an update taken under identifier k
@@ -11,7 +11,7 @@ identifiers can only come apart as the differences accumulate. For each identifi
 2. takes the policy gradient of the run's trainable T2I parameters with advantage ``r_k``
    z-scored within each group (Parrot's normalised advantage without the Pareto mask, so every
    image counts) over every DDIM step,
-3. takes one plain step of global L2 length ``--step`` along it, and
+3. takes one plain step of global L2 length ``--step_size`` along it, and
 4. renders the same prompts with one fresh, shared noise under every identifier and under all
    of them together (the paper's inference text), before and after the step,
 
@@ -22,7 +22,6 @@ diagonal. It works on any run (toy, tiny or real).
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,12 +30,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
+from parrot_jax import cli, policy
+from parrot_jax.analysis.as_trained import define_run_flags, draw_rl_prompts
+from parrot_jax.diffusion import CFG
 from parrot_jax.diffusion.sampler import sample
+from parrot_jax.expansion import identifier_prefix, tokenize_conditioning
 from parrot_jax.models.vae import latents_to_images
+from parrot_jax.precision import matmul_precision
 from parrot_jax.rl.losses import rescore_log_prob
-from parrot_jax.sample import under_run_precision
-from parrot_jax.training.step import merged_params
+from parrot_jax.training.settings import t2i_update
+from parrot_jax.weights import merged_params, split_params
+
+PROG = "python -m parrot_jax.analysis.transfer"
 
 # score(x_0 [B, h, w, c], column) -> rewards [B, K] of the latents rendered under column's text.
 Score = Callable[[jax.Array, int], np.ndarray]
@@ -154,63 +161,49 @@ def measure(workdir: str, *, trained: bool, num_prompts: int, images: int, seed:
             step_size: float) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """Load the run of ``workdir`` and measure ``transfer_table`` on ``num_prompts`` of its RL
     prompts: ``(reward names, column texts, change [K, K + 1], standard error [K, K + 1])``."""
-    from parrot_jax.as_trained import draw_rl_prompts
-    from parrot_jax.sample import RunError, load_runs, read_config
-
     if num_prompts < 1 or images < 2:
-        raise RunError(f"--prompts {num_prompts} and --images {images}: at least 1 prompt "
-                       "and 2 images")
+        raise policy.RunError(f"--num_prompts {num_prompts} and --num_images {images}: at "
+                              "least 1 prompt and 2 images")
     if not step_size > 0:
-        raise RunError(f"--step {step_size}: must be > 0")
-    _, prompts = draw_rl_prompts(read_config(workdir), num_prompts, seed)
-    (loaded,) = load_runs(workdir, base=not trained, trained=trained)
+        raise policy.RunError(f"--step_size {step_size}: must be > 0")
+    _, prompts = draw_rl_prompts(policy.read_config(workdir), num_prompts, seed)
+    (loaded,) = policy.load(workdir, base=not trained, trained=trained)
     try:
-        return _measure_loaded(loaded, prompts, images, jax.random.key(seed), step_size)
+        with matmul_precision(loaded.config):
+            return _measure_loaded(loaded, prompts, images, jax.random.key(seed), step_size)
     finally:
         loaded.models.rewards.close()
 
 
-@under_run_precision
-def _measure_loaded(loaded: Any, prompts: Sequence[str], images: int, key: jax.Array,
-                    step_size: float) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """``measure`` on a loaded run, every computation under the run's ``matmul_precision``
-    (the text encoder's contexts included, as in training)."""
-    from parrot_jax.diffusion import CFG
-    from parrot_jax.diffusion.guidance import branch_contexts
-    from parrot_jax.evaluate import score_images
-    from parrot_jax.expansion.identifiers import identifier_prefix, tokenize_conditioning
-    from parrot_jax.sample import expand
-    from parrot_jax.training.loop import t2i_update_config
-    from parrot_jax.training.step import split_params
-
+def _measure_loaded(loaded: policy.Policy, prompts: Sequence[str], images: int,
+                    key: jax.Array, step_size: float
+                    ) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """``measure`` on a loaded policy (the caller sets the run's ``matmul_precision``: the text
+    encoder's contexts too are computed under it, as in training)."""
     m, c = loaded.models, loaded.config
     names = list(m.rewards.names)
     expansion_key, train_key, eval_key, lora_key = jax.random.split(key, 4)
-    expanded = expand(loaded, prompts, greedy=False, key=expansion_key)
+    expanded = loaded.expand(prompts, greedy=False, key=expansion_key)
     prefixes = [identifier_prefix([k]) for k in range(len(names))]
     prefixes.append(identifier_prefix(list(range(len(names)))))
     columns = [f"<reward {k + 1}>" for k in range(len(names))] + ["all"]
-
-    def embed(ids):
-        return m.text_encoder.apply({"params": m.text_params}, jnp.asarray(ids))[
-            "last_hidden_state"]
-
-    null = embed(m.clip_tokenizer([""], padding="max_length",
-                                  max_length=m.context_length)["input_ids"])
+    null_ids = m.clip_tokenizer([""], padding="max_length",
+                                max_length=m.context_length)["input_ids"]
     texts, contexts = [], []
     for prefix in prefixes:
         cond = tokenize_conditioning(m.clip_tokenizer, [prefix] * len(prompts), expanded,
                                      m.context_length)
         texts.append([t for t in cond["texts"] for _ in range(images)])
-        contexts.append(branch_contexts(null, jnp.repeat(embed(cond["input_ids"]), images,
-                                                         axis=0)))
+        contexts.append(policy.group_contexts(m.text_encoder, m.text_params,
+                                              jnp.asarray(null_ids),
+                                              jnp.asarray(cond["input_ids"]), images))
     originals = [p for p in prompts for _ in range(images)]
 
     def score(x_0: jax.Array, column: int) -> np.ndarray:
         pictures = _decode(m.vae, m.vae_params, x_0, m.scaling_factor)
-        return score_images(loaded, np.asarray(pictures), originals, texts[column])
+        return loaded.score(np.asarray(pictures), originals, texts[column])
 
-    trainable, frozen = split_params(loaded.unet_params, t2i_update_config(c), lora_key)
+    trainable, frozen = split_params(loaded.unet_params, t2i_update(c), lora_key)
     table, stderr = transfer_table(
         m.unet, trainable, frozen, m.schedule, CFG(c.sample.guidance_scale),
         jnp.stack(contexts), score, num_rewards=len(names), group_size=images,
@@ -219,29 +212,27 @@ def _measure_loaded(loaded: Any, prompts: Sequence[str], images: int, key: jax.A
     return names, columns, table, stderr
 
 
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    define_run_flags(values)
+    flags.DEFINE_integer("num_images", 8, "images per group (per prompt)", flag_values=values)
+    flags.DEFINE_float("step_size", 0.05, "global L2 length of the step along each policy "
+                       "gradient", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> np.ndarray:
     """Parse ``argv`` (without the program name), measure, print the tables."""
-    from parrot_jax.as_trained import add_run_arguments
-    from parrot_jax.sample import RunError
-
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.transfer",
-                                     description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "a training workdir (train.py's --workdir)")
-    parser.add_argument("--images", type=int, default=8, help="images per group (per prompt)")
-    parser.add_argument("--step", type=float, default=0.05,
-                        help="global L2 length of the step along each policy gradient")
-    args = parser.parse_args(argv)
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     try:
-        names, columns, table, stderr = measure(args.workdir, trained=args.trained,
-                                        num_prompts=args.prompts, images=args.images,
-                                        seed=args.seed, step_size=args.step)
-    except (RunError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(f"{args.prompts} prompts x {args.images} images per text, step {args.step} "
-          f"({'trained' if args.trained else 'untrained'} models)\n")
+        names, columns, table, stderr = measure(
+            args.workdir, trained=args.trained, num_prompts=args.num_prompts,
+            images=args.num_images, seed=args.seed, step_size=args.step_size)
+    except (policy.RunError, ValueError) as e:
+        cli.fail(PROG, str(e))
+    print(f"{args.num_prompts} prompts x {args.num_images} images per text, step "
+          f"{args.step_size} ({'trained' if args.trained else 'untrained'} models)\n")
     print(markdown(names, columns, table, stderr), end="")
     return table
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry_point(main)

@@ -4,7 +4,8 @@
 (UNet, VAE, CLIP text encoder + tokenizer, DDIM schedule), the PEN (T5 + tokenizer) and the
 ``RewardSet``. ``model.pretrained = 'tiny'`` builds random models of ``model.tiny``'s shapes from
 ``config.seed``, a CLIP-style word-level tokenizer and a T5-style BPE tokenizer from the prompts;
-the tokenizers are saved under ``workdir/tokenizers`` once and read back from there.
+the tokenizers are saved under ``workdir/tokenizers`` once and read back from there. Reward sets
+other than 'tiny' come by name from ``parrot_jax.plugins`` (the paper's, the toy world's).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from parrot_jax import hub, parallel
+from parrot_jax import hub, parallel, plugins
+from parrot_jax.data.tokenizer import build_clip_tokenizer, train_t5_tokenizer
 from parrot_jax.diffusion import DDIMSchedule
 from parrot_jax.expansion.identifiers import reward_identifier
 from parrot_jax.expansion.template import InstructionTemplate
@@ -32,6 +34,7 @@ from parrot_jax.models.clip import (
     CLIPTextModel,
     CLIPVisionConfig,
 )
+from parrot_jax.models.random_init import random_params
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
 from parrot_jax.models.vae import AutoencoderKL, VAEConfig
@@ -40,29 +43,13 @@ from parrot_jax.rewards import (
     ClipBackbone,
     ClipScore,
     ImageProcessorConfig,
-    ParrotRewardsConfig,
     PickScore,
     RewardSet,
     Sentiment,
-    build_parrot_rewards,
 )
 
 TOKENIZER_DIR = "tokenizers"
 
-# The built-in RL prompts (data.prompts = 'builtin'): short user prompts of the kind the PEN
-# expands, varied enough that groups differ.
-BUILTIN_PROMPTS = (
-    "a red circle on a white background", "a blue square at night", "a small green triangle",
-    "a yellow star in the sky", "an orange cat sitting on a sofa", "a dog running on the beach",
-    "a castle on a hill", "a bowl of fruit on a table", "a portrait of an old man",
-    "a city street in the rain", "a forest in autumn", "a lighthouse by the sea",
-    "a cup of coffee", "a mountain lake at sunrise", "a red car on a bridge",
-    "a bird on a branch", "a vase of flowers", "a snowy village", "a robot reading a book",
-    "a sailing boat at sunset", "a field of sunflowers", "a teddy bear on a bed",
-    "a house with a garden", "a horse in a meadow", "a bicycle against a wall",
-    "an astronaut riding a horse", "a desert with cactus", "a waterfall in the jungle",
-    "a plate of pasta", "a train in the mountains", "a penguin on the ice", "a purple balloon",
-)
 # Words the random PEN may emit and the CLIP tokenizer should know (style modifiers).
 MODIFIERS = ("highly detailed", "digital art", "trending on artstation", "sharp focus",
              "cinematic lighting", "vivid colors", "soft pastel", "4k", "oil painting",
@@ -94,6 +81,13 @@ class ParrotModels:
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    def place(self, sharding: Any) -> None:
+        """Put the text encoder's, VAE's and PEN's parameters on the devices with ``sharding``
+        (replicated: small next to the batch)."""
+        self.text_params = jax.device_put(self.text_params, sharding)
+        self.vae_params = jax.device_put(self.vae_params, sharding)
+        self.pen_params = jax.device_put(self.pen_params, sharding)
 
 
 def _dtype(name: str) -> Any:
@@ -134,32 +128,6 @@ def _clip_corpus(prompts: Sequence[str], num_rewards: int) -> list[str]:
             + [reward_identifier(k) + ", " for k in range(num_rewards)] * 10)
 
 
-def build_clip_tokenizer(corpus: Sequence[str], context: int) -> Any:
-    """CLIP's conventions on a word-level vocabulary: lower-cased words and punctuation runs of
-    ``corpus`` (sorted, so the same corpus always gives the same ids), ``<|startoftext|>``
-    (id 0) first, ``<|endoftext|>`` (id 1) last and as padding, ``<|unk|>`` (id 2) for unknown
-    words, ``context`` tokens. (``tokenizers``' BPE trainer breaks count ties differently from
-    one process to the next; a tiny run must rebuild the same vocabulary to resume exactly.)"""
-    import transformers
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in corpus
-                    for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))})
-    special = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
-    vocab = {t: i for i, t in enumerate(special + [w for w in words if w not in special])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=context, bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>")
-
-
 def _saved_tokenizer(folder: Path, build) -> Any:
     """The tokenizer saved in ``folder``, built (and saved by process 0) the first time."""
     if not (folder / "tokenizer.json").is_file():
@@ -172,33 +140,6 @@ def _saved_tokenizer(folder: Path, build) -> Any:
 
 
 # --- tiny random models ----------------------------------------------------------------------
-
-def random_params(module: Any, seed: int) -> Any:
-    """Random parameters of ``module`` (its ``init_params`` shapes) drawn with numpy from
-    ``seed``: kernels ~ N(0, 1/fan_in), norm scales 1, biases 0, ``logit_scale`` log(1/0.07),
-    other tables ~ N(0, 0.02^2). Compiling ``init`` costs tens of seconds on a CPU even for tiny
-    models; this costs nothing and is as random."""
-    shapes = jax.eval_shape(lambda: module.init_params(jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
-        name = str(getattr(path[-1], "key", path[-1]))
-        shape = leaf.shape
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1])) or 1
-            value = rng.standard_normal(shape) / np.sqrt(fan_in)
-        elif name in ("scale", "weight") and len(shape) == 1:
-            value = np.ones(shape)
-        elif name == "bias":
-            value = np.zeros(shape)
-        elif name == "logit_scale":
-            value = np.full(shape, np.log(1 / 0.07))
-        else:
-            value = 0.02 * rng.standard_normal(shape)
-        return np.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
 
 def _aesthetic_layers(dims: tuple[int, ...], seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -261,10 +202,11 @@ def _tiny_pen(config: ml_collections.ConfigDict, tokenizer: Any, dtype: Any) -> 
 # --- the bundle ------------------------------------------------------------------------------
 
 def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh: Mesh,
-                prompts: Sequence[str], template: InstructionTemplate) -> ParrotModels:
-    """Load or build every model ``config.model`` names (see the module docstring)."""
-    from parrot_jax.data.tokenizer import train_t5_tokenizer
-
+                prompts: Sequence[str]) -> ParrotModels:
+    """Load or build every model ``config.model`` names (see the module docstring); the tiny
+    tokenizers are built from ``prompts`` (the run's RL prompts, templated as the PEN reads
+    them)."""
+    template = InstructionTemplate()
     m = config.model
     dtype = _dtype(m.dtype)
     tokenizers = Path(workdir) / TOKENIZER_DIR
@@ -314,16 +256,8 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
                              "(its tokenizer); use 'parrot' with real models")
         rewards = _tiny_rewards(config, clip_tokenizer, t2i["latent_shape"][0] * vae_factor,
                                 sharding)
-    elif m.rewards == "parrot":
-        rewards = build_parrot_rewards(ParrotRewardsConfig(dtype=m.dtype), sharding=sharding)
-    elif m.rewards == "toy" or m.rewards.startswith("toy:"):
-        from parrot_jax.toyworld import assets
-
-        root = m.rewards[4:] or assets.ASSETS
-        rewards = _loading("model.rewards", m.rewards, assets.load_rewards, root,
-                           sharding=sharding, dtype=m.dtype)
     else:
-        raise ValueError(f"config.model.rewards={m.rewards!r}; 'tiny', 'parrot', 'toy' (the "
-                         "shipped toy world) or 'toy:<assets folder>'")
+        rewards = _loading("model.rewards", m.rewards, plugins.reward_set, m.rewards,
+                           sharding=sharding, dtype=m.dtype)
     return ParrotModels(clip_tokenizer=clip_tokenizer, pen=pen, pen_params=pen_params,
                         pen_tokenizer=pen_tokenizer, rewards=rewards, **t2i)

@@ -1,4 +1,4 @@
-"""Where the rewards conflict: ``python -m parrot_jax.conflict WORKDIR``.
+"""Where the rewards conflict: ``python -m parrot_jax.analysis.conflict --workdir W``.
 
 Parrot's T2I update compares the images of one group: one prompt, one expansion and one
 identifier, so only the diffusion noise differs. It weighs them by the group-normalised
@@ -20,12 +20,25 @@ It works on any run (toy, tiny or real); it reads the run's RL prompts.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from absl import flags
+
+from parrot_jax import cli
+from parrot_jax.analysis.as_trained import (
+    define_run_flags,
+    draw_rl_prompts,
+    require_toy_run,
+    score_each_identifier,
+)
+from parrot_jax.policy import RunError, read_config
+from parrot_jax.rl.pareto import grouped_non_dominated_mask
+from parrot_jax.toyworld.oracle import oracle_metrics
+
+PROG = "python -m parrot_jax.analysis.conflict"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +91,6 @@ def reward_conflict(rewards: np.ndarray) -> Conflict:
 
     Population variances: with equal groups, total = within + between exactly.
     """
-    from parrot_jax.rl.pareto import grouped_non_dominated_mask
-
     r = np.asarray(rewards, np.float64)
     if r.ndim != 3 or r.shape[0] < 2 or r.shape[1] < 2:
         raise ValueError(f"rewards must be [G, N, K] with G, N >= 2; got shape {r.shape}")
@@ -105,12 +116,10 @@ def sample_groups(workdir: str | Path, *, trained: bool = False, num_prompts: in
     every identifier, a group of ``images`` each, from the run's untrained models or
     (``trained``) its latest checkpoint; ``oracle`` (toy-world runs): the pixel oracle's
     metrics of the same images, each ``[K * P, images]``, else None."""
-    from parrot_jax.as_trained import draw_rl_prompts, require_toy_run, score_each_identifier
-    from parrot_jax.sample import RunError, read_config
-
-    config = read_config(workdir)
     if num_prompts < 2 or images < 2:
-        raise RunError(f"--prompts {num_prompts} and --images {images}: at least 2 each")
+        raise RunError(f"--num_prompts {num_prompts} and --num_images {images}: at least 2 "
+                       "each")
+    config = read_config(workdir)
     if oracle:
         require_toy_run(config, workdir, "--oracle")
     _, prompts = draw_rl_prompts(config, num_prompts, seed)
@@ -120,8 +129,6 @@ def sample_groups(workdir: str | Path, *, trained: bool = False, num_prompts: in
         on_samples=(lambda s: pictures.append(s.images)) if oracle else None)
     metrics = None
     if oracle:
-        from parrot_jax.toyworld.oracle import oracle_metrics
-
         per_image = [p for p in prompts for _ in range(images)] * len(names)
         metrics = {k: np.asarray(v).reshape(-1, images)
                    for k, v in oracle_metrics(np.concatenate(pictures), per_image).items()}
@@ -155,25 +162,23 @@ def metric_markdown(names: Sequence[str], stats: dict[str, tuple[float, np.ndarr
     return out
 
 
+def _define(values: flags.FlagValues, argv: list[str]) -> None:
+    define_run_flags(values)
+    flags.DEFINE_integer("num_images", 8, "images per group", flag_values=values)
+    flags.DEFINE_bool("oracle", False, "also split the toy world's pixel-oracle metrics (toy "
+                      "runs only)", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> Conflict:
     """Parse ``argv`` (without the program name), sample, print the tables."""
-    from parrot_jax.as_trained import add_run_arguments
-    from parrot_jax.sample import RunError
-
-    parser = argparse.ArgumentParser(prog="python -m parrot_jax.conflict",
-                                     description=__doc__.split("\n\n")[0])
-    add_run_arguments(parser, "a training workdir (train.py's --workdir)")
-    parser.add_argument("--images", type=int, default=8, help="images per group")
-    parser.add_argument("--oracle", action="store_true",
-                        help="also split the toy world's pixel-oracle metrics (toy runs only)")
-    args = parser.parse_args(argv)
+    args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     try:
         names, rewards, metrics = sample_groups(
-            args.workdir, trained=args.trained, num_prompts=args.prompts, images=args.images,
-            seed=args.seed, oracle=args.oracle)
+            args.workdir, trained=args.trained, num_prompts=args.num_prompts,
+            images=args.num_images, seed=args.seed, oracle=args.oracle)
         c = reward_conflict(rewards)
     except (RunError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+        cli.fail(PROG, str(e))
     print(f"{rewards.shape[0]} groups of {rewards.shape[1]} images "
           f"({'trained' if args.trained else 'untrained'} models)\n")
     print(markdown(names, c), end="")
@@ -184,4 +189,4 @@ def main(argv: Sequence[str] | None = None) -> Conflict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry_point(main)
