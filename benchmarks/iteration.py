@@ -76,7 +76,7 @@ def run_size(spec: str, groups: int, per_group: int, iters: int) -> dict[str, fl
         m = run.models
         decode = jax.jit(lambda p, z: m.vae.apply({"params": p}, z / m.scaling_factor,
                                                   method=m.vae.decode))
-        z = jnp.zeros((run.sizes.batch, *m.latent_shape), jnp.float32)
+        z = jnp.zeros((run.settings.sizes.batch, *m.latent_shape), jnp.float32)
         jax.block_until_ready(decode(m.vae_params, z))
         times = []
         for _ in range(iters):

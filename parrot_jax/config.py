@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -263,6 +262,9 @@ FIELDS: tuple[Field, ...] = (
           "(paper: all)", fraction),
     Field("t2i.scan_unroll", 1, "trained timesteps per iteration of the update's scan loop "
           "(more: faster on some backends, longer compiles)", positive_int),
+    Field("t2i.remat", True, "recompute each UNet block's activations in the update's "
+          "backward pass instead of keeping them: less memory (SD at 512 px needs it), a "
+          "third more UNet compute", boolean, absent=True),
     # --- logging, checkpoints, pictures ------------------------------------------------------
     Field("hypervolume_reference", "batch_min", "the point the logged batch hypervolume is "
           "measured from: 'batch_min' (each reward's batch minimum) or K comma-separated "
@@ -462,18 +464,32 @@ def markdown() -> str:
     """The fields as a markdown table: name, default, meaning (``docs/method.md``)."""
     lines = ["| field | default | meaning |", "|---|---|---|"]
     for f in FIELDS:
-        default = "(see configs)" if f.subtree else repr(f.default).replace("|", "\\|")
+        default = repr(f.default)
+        default = default if len(default) <= 60 else "(see parrot_jax/config.py)"
+        default = default.replace("|", "\\|")
         extra = "; may change on resume" if f.resumable else ""
         doc = f.doc.replace("|", "\\|")
         lines.append(f"| `{f.name.rstrip('.')}` | `{default}` | {doc}{extra} |")
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m parrot_jax.config [--markdown]
-    if sys.argv[1:] == ["--markdown"]:
-        print(markdown(), end="")
-    elif not sys.argv[1:]:
-        for f in FIELDS:
-            print(f"{f.name.rstrip('.'):<32} {f.doc}")
-    else:
-        sys.exit("usage: python -m parrot_jax.config [--markdown]")
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m parrot_jax.config``: every field and its meaning; ``--markdown``: the table
+    docs/method.md carries."""
+    from absl import flags
+
+    from parrot_jax import cli
+
+    def define(values: flags.FlagValues, argv: list[str]) -> None:
+        flags.DEFINE_bool("markdown", False, "print the markdown table of docs/method.md",
+                          flag_values=values)
+
+    args = cli.parse(define, argv, prog="python -m parrot_jax.config", doc=__doc__)
+    text = markdown() if args.markdown else "".join(
+        f"{f.name.rstrip('.'):<30} {f.doc}\n" for f in FIELDS)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main()

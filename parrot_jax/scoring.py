@@ -31,19 +31,24 @@ def score(policy: Policy, prompts: Sequence[str], *, identifiers: Sequence[int],
           ) -> np.ndarray:
     """Rewards ``[len(prompts) * num_images, K]`` (rows prompt-major, columns in
     ``rewards.names`` order). Prompts go ``batch_prompts`` at a time; chunk ``i`` samples with
-    ``chunk_seed(seed, i)``, so two policies see the same noise. ``on_samples`` receives each
-    chunk's ``Samples`` (images ``[n, H, W, 3]`` in [0, 1], expansions, conditioning texts),
-    in row order."""
+    ``chunk_seed(seed, i)``, so two policies see the same noise. A last, shorter chunk is
+    padded with its last prompt to ``batch_prompts`` (and the padding dropped), so every chunk
+    runs one compiled program. ``on_samples`` receives each chunk's ``Samples`` (images
+    ``[n, H, W, 3]`` in [0, 1], expansions, conditioning texts), in row order."""
     out = []
-    for i, start in enumerate(range(0, len(prompts), batch_prompts)):
-        chunk = list(prompts[start:start + batch_prompts])
-        samples = policy.sample(chunk, identifiers=identifiers, w1=w1, w2=w2,
+    size = min(batch_prompts, len(prompts))
+    per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
+    for i, start in enumerate(range(0, len(prompts), size)):
+        chunk = list(prompts[start:start + size])
+        n, padded = len(chunk), chunk + chunk[-1:] * (size - len(chunk))
+        samples = policy.sample(padded, identifiers=identifiers, w1=w1, w2=w2,
                                 expand_prompt=expand_prompt, greedy=greedy,
                                 num_images=num_images, seed=chunk_seed(seed, i))
+        rewards = policy.score(samples.images, per_image(padded), per_image(samples.conditions))
+        out.append(rewards[:n * num_images])
         if on_samples is not None:
-            on_samples(samples)
-        per_image = lambda xs: [x for x in xs for _ in range(num_images)]  # noqa: E731
-        out.append(policy.score(samples.images, per_image(chunk), per_image(samples.conditions)))
+            on_samples(Samples(samples.images[:n * num_images], samples.expansions[:n],
+                               samples.conditions[:n]))
     return np.concatenate(out)
 
 

@@ -4,6 +4,7 @@ uninterrupted; SIGTERM saves and exits cleanly; bad configs and workdirs fail cl
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -58,10 +59,26 @@ def smoke(tmp_path_factory):
         seen.append(jax.config.jax_default_matmul_precision)
         return iteration(*args, **kwargs)
 
+    class Compiles(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling "):
+                self.records.append(record)
+
+    compiles = Compiles()
+    logging.getLogger("jax").addHandler(compiles)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "parrot_iteration", spy)
-        result = train_and_evaluate(tiny_config("smoke"), workdir)
-    return workdir, {**result, "precisions": seen}
+        jax.config.update("jax_log_compiles", True)
+        try:
+            result = train_and_evaluate(tiny_config("smoke"), workdir)
+        finally:
+            jax.config.update("jax_log_compiles", False)
+            logging.getLogger("jax").removeHandler(compiles)
+    return workdir, {**result, "precisions": seen, "compiles": compiles.records}
 
 
 def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
@@ -84,6 +101,11 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
     assert result["precisions"] == ["highest", "highest"]
     assert jax.config.jax_default_matmul_precision is None
     assert (workdir / "checkpoints" / "2").is_dir()
+    # The T2I step was compiled ahead, in a thread, for exactly the arguments the iterations
+    # passed: never in the main thread (at its first call), at most once (none when an
+    # earlier run in this process compiled the same step).
+    compiles = [r for r in result["compiles"] if "jit(train_step)" in r.getMessage()]
+    assert len(compiles) <= 1 and all(r.threadName == "compile_t2i_step" for r in compiles)
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["num_iterations"] == 2 and saved["advantage"]["mode"] == "paper"
     # eval_every=2: the pictures of iteration 2, as PNG files and TensorBoard images.

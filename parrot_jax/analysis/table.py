@@ -1,7 +1,8 @@
 """The paper's comparison in the toy world: ``python -m parrot_jax.analysis.table``.
 
-Trains, under one budget (``--iterations``) and for each of ``--seeds``, every method below with
-``configs/toy.py``, then scores each on the held-out prompts exactly as ``train.py`` ends a run
+Trains, under one budget (``--iterations``, ``--num_groups`` x 8 images per iteration) and for
+each of ``--seeds``, every method below with ``configs/toy.py``, then scores each on the
+held-out prompts exactly as ``train.py`` ends a run
 (``final_eval.json``: paired noise, all identifiers, prompt-centred guidance):
 
 - ``base``: the untrained models (read from the Parrot runs' own base evaluations);
@@ -65,7 +66,7 @@ def toy_config(variant: str) -> Any:
     return config_files.load_module(ROOT / "configs" / "toy.py").get_config(variant or None)
 
 
-def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
+def run_method(method: str, seed: int, iterations: int, out: Path, num_groups: int = 8) -> Path:
     """Train ``method`` with ``seed`` (unless done) -> its workdir (with final_eval.json)."""
     workdir = out / "runs" / f"{method}_seed{seed}"
     if (workdir / "final_eval.json").is_file():
@@ -75,6 +76,7 @@ def run_method(method: str, seed: int, iterations: int, out: Path) -> Path:
     config.seed = seed
     config.final_eval.seed = seed
     config.num_iterations = iterations
+    config.num_groups = num_groups
     schema.apply(config, overrides)
     print(f"[table] {method}, seed {seed}: {iterations} iterations -> {workdir}",
           file=sys.stderr, flush=True)
@@ -303,6 +305,9 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
                         flag_values=values)
     flags.DEFINE_list("seeds", ["0", "1", "2"], "comma-separated seeds", flag_values=values)
     flags.DEFINE_integer("iterations", 30, "Parrot iterations per run", flag_values=values)
+    flags.DEFINE_integer("num_groups", 8, "groups of 8 images per iteration (the comparison in "
+                         "docs/toyworld.md used 8; train.py's first run uses 4)",
+                         flag_values=values)
     flags.DEFINE_integer("identifier_images", 8, "images per held-out prompt in the identifier "
                          "study", flag_values=values)
 
@@ -321,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     heldout = assets.read_prompt_file(assets.ASSETS, assets.HELDOUT)
     for seed in seeds:
         for method in TRAINED:
-            workdir = run_method(method, seed, args.iterations, out)
+            workdir = run_method(method, seed, args.iterations, out, args.num_groups)
             record = json.loads((workdir / "final_eval.json").read_text())
             records[method].append(record)
             if method == "parrot":

@@ -6,8 +6,8 @@ from parrot_jax.rewards.aesthetic import (
     aesthetic_mlp,
     mlp_from_state_dict,
 )
-from parrot_jax.rewards.backbone import ClipBackbone
-from parrot_jax.rewards.base import Features, HostReward, Reward, RewardInputs, Tokens
+from parrot_jax.rewards.backbone import ClipBackbone, Tokens
+from parrot_jax.rewards.base import Features, HostReward, Reward, RewardInputs
 from parrot_jax.rewards.clip_heads import (
     SENTIMENT_CLASSES,
     SENTIMENT_DESCRIPTIONS,

@@ -10,12 +10,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from parrot_jax import hub
 from parrot_jax.convert import CheckpointError
 from parrot_jax.models.clip import CLIPModel
-from parrot_jax.rewards.base import Tokens
 from parrot_jax.rewards.preprocess import ImageProcessorConfig, preprocess
+
+
+@struct.dataclass
+class Tokens:
+    """One text per image, tokenised by one backbone's tokenizer."""
+
+    ids: jax.Array  # int32 [B, L], padded to the backbone's context length
+    mask: jax.Array  # int32 [B, L], 1 = token, 0 = padding
 
 
 @dataclasses.dataclass(eq=False)

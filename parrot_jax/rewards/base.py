@@ -20,25 +20,16 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-if TYPE_CHECKING:
-    from parrot_jax.rewards.backbone import ClipBackbone
+from parrot_jax.rewards.backbone import ClipBackbone, Tokens
 
 TEXTS = ("prompt", "condition")  # the texts a head may read besides the image
-
-
-@struct.dataclass
-class Tokens:
-    """One text per image, tokenised by one backbone's tokenizer."""
-
-    ids: jax.Array  # int32 [B, L], padded to the backbone's context length
-    mask: jax.Array  # int32 [B, L], 1 = token, 0 = padding
 
 
 @struct.dataclass

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from parrot_jax.rewards.backbone import ClipBackbone
-from parrot_jax.rewards.base import TEXTS, Features, HostReward, Reward, RewardInputs, Tokens
+from parrot_jax.rewards.backbone import ClipBackbone, Tokens
+from parrot_jax.rewards.base import TEXTS, Features, HostReward, Reward, RewardInputs
 
 
 class RewardSet:

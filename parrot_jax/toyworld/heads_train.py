@@ -265,7 +265,7 @@ def preference_scores(backbone: ClipBackbone, params: Any, images: jax.Array, id
                       mask: jax.Array) -> jax.Array:
     """PickScore of each image for its pair's prompt: images ``[n, 2, H, W, 3]``, tokens
     ``[n, L]`` -> ``exp(logit_scale) * cos`` ``[n, 2]``."""
-    from parrot_jax.rewards.base import Tokens
+    from parrot_jax.rewards.backbone import Tokens
 
     n = images.shape[0]
     img = l2_normalise(backbone.encode_images(params, images.reshape(2 * n, *images.shape[2:])))

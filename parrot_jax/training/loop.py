@@ -64,7 +64,7 @@ from parrot_jax.training import visualize
 from parrot_jax.training.metrics import MetricsWriter, host
 from parrot_jax.training.preemption import Preemption
 from parrot_jax.training.settings import Settings
-from parrot_jax.training.state import Run, initial_state, train_step_for
+from parrot_jax.training.state import Run, compile_ahead, initial_state, train_step_for
 from parrot_jax.training.step import T2IBatch, T2ITrainState, batch_shardings, minibatch
 from parrot_jax.training.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
 from parrot_jax.workdir import (
@@ -254,6 +254,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     writer = MetricsWriter(workdir, tensorboard)
     result: dict[str, Any] = {"step": step, "preempted": False}
     logging.info("Compiling and training: iterations %d to %d", step, s.num_iterations)
+    if s.t2i_train and step < s.num_iterations:
+        compile_ahead(run, state)
     timer = None  # (start time, iterations) after the first (compiling) iteration
     try:
         with Preemption() as preemption:
@@ -296,7 +298,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         if s.final_eval is not None and not result["preempted"]:
             from parrot_jax.training.final_eval import final_evaluation, table
 
-            record = final_evaluation(s.final_eval, run.policy(None),
+            record = final_evaluation(s.final_eval, run.policy(state, base=True),
                                       run.policy(state, step), workdir)
             result["final_eval"] = record
             logging.info("Final evaluation, %d held-out prompts (%s):\n%s",

@@ -139,6 +139,7 @@ def t2i_update(config: ml_collections.ConfigDict) -> T2IUpdateConfig:
                            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                            max_grad_norm=t.max_grad_norm, clip_range=t.clip_range,
                            timestep_fraction=t.timestep_fraction, scan_unroll=t.scan_unroll,
+                           remat_policy="nothing_saveable" if t.remat else None,
                            eta=config.sample.eta, adv_clip=None)
 
 

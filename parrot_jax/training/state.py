@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from parrot_jax import parallel
@@ -23,16 +25,18 @@ from parrot_jax.diffusion import CFG
 from parrot_jax.expansion import init_pen_lora, pen_rl_optimizer
 from parrot_jax.loading import ParrotModels
 from parrot_jax.models.lora import merge
-from parrot_jax.policy import Policy, rollout
+from parrot_jax.policy import Policy, group_contexts, rollout
 from parrot_jax.rl import init_stat_tracker
 from parrot_jax.training.settings import Settings
 from parrot_jax.training.step import (
+    T2IBatch,
     T2ITrainState,
+    batch_shardings,
     init_train_state,
     make_train_step,
     state_shardings,
 )
-from parrot_jax.weights import merged_params
+from parrot_jax.weights import merged_params, split_params
 
 PARAM_RULES = {"replicate": parallel.REPLICATE_ALL, "fsdp": parallel.FSDP_ALL}
 
@@ -60,14 +64,18 @@ class Run:
             merged_params(state["t2i"]["trainable"], self.frozen), m.text_params, m.vae_params,
             m.schedule, CFG(s.guidance_scale), cond_ids, self.null_ids, key)
 
-    def policy(self, state: dict | None, step: int | None = None) -> Policy:
-        """The policy of ``state`` (its T2I weights and PEN LoRA merged in), or with None the
-        untrained models."""
+    def policy(self, state: dict, step: int | None = None, *, base: bool = False) -> Policy:
+        """The policy of ``state`` (its T2I weights and PEN LoRA merged in), or with ``base``
+        the untrained models, placed as ``state``'s weights are (so both policies run the
+        same compiled programs)."""
         m = self.models
-        if state is None:
-            return Policy(self.config, m, self.mesh, m.unet_params, m.pen_params, None)
-        return Policy(self.config, m, self.mesh,
-                      merged_params(state["t2i"]["trainable"], self.frozen),
+        trainable = state["t2i"]["trainable"]
+        if base:
+            initial, _ = split_params(m.unet_params, self.settings.t2i, jax.random.key(0))
+            trainable = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, trainable))
+            return Policy(self.config, m, self.mesh, merged_params(trainable, self.frozen),
+                          m.pen_params, None)
+        return Policy(self.config, m, self.mesh, merged_params(trainable, self.frozen),
                       merge(m.pen_params, state["pen"]["lora"]), step)
 
 
@@ -114,3 +122,57 @@ def train_step_for(models: ParrotModels, settings: Settings, mesh: Mesh, state: 
             models.unet, models.schedule, CFG(settings.guidance_scale), settings.t2i, mesh=mesh,
             state_sharding=state_shardings(t2i, mesh, rules))
     return _TRAIN_STEPS[key]
+
+
+def compile_ahead(run: Run, state: dict) -> None:
+    """Start compiling the T2I step for this run's minibatches in a thread, and make
+    ``run.train_step`` wait for it on its first call. The loop calls this before its first
+    iteration, so the step compiles while the first rollout compiles and runs (on a CPU the two
+    compilations share the cores; on an accelerator the host compiles while the device
+    samples). The arguments are placed exactly as ``parrot_iteration`` places them, so the
+    first call finds the program in jit's cache (were they not, it would compile again)."""
+    s, m = run.settings, run.models
+    steps, mb = m.schedule.num_inference_steps, s.sizes.minibatch
+    contexts = jax.eval_shape(
+        lambda params, ids: group_contexts(m.text_encoder, params, ids, ids, s.sizes.group_size),
+        m.text_params, run.null_ids)
+    shardings = batch_shardings(run.mesh)
+    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=sharding)
+    batch = T2IBatch(
+        latents=spec((mb, steps + 1, *m.latent_shape), jnp.float32, shardings.latents),
+        log_probs=spec((mb, steps), jnp.float32, shardings.log_probs),
+        timesteps=spec((steps,), jnp.int32, shardings.timesteps),
+        contexts=spec((mb, *contexts.shape[1:]), contexts.dtype, shardings.contexts),
+        advantages=spec((mb,), jnp.float32, shardings.advantages),
+        selected=spec((mb,), jnp.bool_, shardings.selected))
+    t2i = T2ITrainState(step=state["t2i"]["step"], trainable=state["t2i"]["trainable"],
+                        frozen=run.frozen, opt_state=state["t2i"]["opt_state"])
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=parallel.replicated(run.mesh))
+    precision = jax.config.jax_default_matmul_precision  # thread-local: carried over
+
+    def compile_step() -> None:
+        try:
+            with jax.default_matmul_precision(precision):
+                run.train_step.lower(t2i, batch, key).compile()
+        except Exception as e:  # noqa: BLE001 (the first call compiles it instead)
+            logging.warning("compiling the T2I step ahead failed (%s: %s); it compiles on its "
+                            "first call", type(e).__name__, e)
+
+    thread = threading.Thread(target=compile_step, name="compile_t2i_step", daemon=True)
+    thread.start()
+    run.train_step = _AfterThread(run.train_step, thread)
+
+
+class _AfterThread:
+    """A function that waits for a thread before its first call."""
+
+    def __init__(self, fn: Any, thread: threading.Thread):
+        self.fn, self.thread = fn, thread
+
+    def __call__(self, *args: Any) -> Any:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        return self.fn(*args)
