@@ -262,6 +262,15 @@ FIELDS: tuple[Field, ...] = (
           "(paper: all)", fraction),
     Field("t2i.scan_unroll", 1, "trained timesteps per iteration of the update's scan loop "
           "(more: faster on some backends, longer compiles)", positive_int),
+    Field("t2i.rescore", "auto", "re-score each minibatch's stored transitions with the "
+          "update's own forward pass before the first optimiser step, so the PPO ratio starts "
+          "at 1: 'auto' (on when model.dtype is not float32; docs/method.md, numerics), 'on' "
+          "or 'off'. Costs one UNet forward per trained transition (with t2i.remat off, two)",
+          one_of("auto", "on", "off"), resumable=True, absent="off"),
+    Field("t2i.microbatch", 0, "images per device the update processes at once: each "
+          "per-device minibatch runs in chunks of this many inside the jitted step, "
+          "accumulated like the timesteps (same result, activation memory of one chunk); 0: "
+          "the whole per-device minibatch", non_negative_int, resumable=True, absent=0),
     Field("t2i.remat", True, "recompute each UNet block's activations in the update's "
           "backward pass instead of keeping them: less memory (SD at 512 px needs it), a "
           "third more UNet compute", boolean, absent=True),

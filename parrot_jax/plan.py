@@ -372,7 +372,11 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
     trained = update.train_timesteps(steps)
     flops = {"text_encoder": text_call, "rollout_unet": unet_call * steps,
              "vae_decode": decode_call,
-             "t2i_update": timestep_call * trained * sizes.minibatches if config.t2i.train
+             # one chunk at one trained timestep (XLA counts a loop body once), times their count
+             "t2i_update": timestep_call * update.microbatches * trained * sizes.minibatches
+             if config.t2i.train else 0.0,
+             # behaviour_log_probs: one guided UNet call per trained transition
+             "t2i_rescore": unet_call * trained if config.t2i.train and update.rescore
              else 0.0}
     return Plan(mesh.size, devices[0].device_kind, hbm, resident, programs, peaks, flops)
 
@@ -396,9 +400,13 @@ def report(p: Plan) -> str:
     total = sum(p.flops.values())
     lines += ["", "FLOPs per iteration (all chips):"]
     lines += [f"  {k:<24}{v:12.4g}" for k, v in p.flops.items()]
+    if p.flops.get("t2i_rescore") and p.flops.get("t2i_update"):
+        lines += [f"  (t2i_rescore is {100 * p.flops['t2i_rescore'] / p.flops['t2i_update']:.0f}%"
+                  " of t2i_update)"]
     lines += [f"  {'total':<24}{total:12.4g}  ({total / p.devices:.4g} per chip)", "",
-              "FITS" if p.fits else "DOES NOT FIT: lower images_per_group, raise "
-              "num_minibatches, set param_sharding='fsdp', or use a bigger slice"]
+              "FITS" if p.fits else "DOES NOT FIT: set t2i.microbatch (the update), lower "
+              "images_per_group, raise num_minibatches, set param_sharding='fsdp', or use a "
+              "bigger slice"]
     return "\n".join(lines)
 
 

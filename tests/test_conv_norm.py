@@ -1,5 +1,6 @@
 """models.conv / models.norm (hand-written backward passes) and host_memory."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,42 +46,38 @@ def test_same_conv_matches_lax(shape, kernel, dot_routes):
         np.testing.assert_allclose(ours, ref, atol=2e-5 * float(jnp.abs(ref).max()))
 
 
-def test_matmul_gradients_on_cpus_only(monkeypatch):
-    """The matmul gradients (col2im input, im2col kernel) were measured on CPUs; other default
-    backends keep XLA's convolutions."""
+def _lowered_grads(x, k, platform: str) -> str:
+    """StableHLO of both gradients of ``sum(same_conv(x, k) ** 2)`` lowered for ``platform``."""
+    grads = jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b) ** 2), argnums=(0, 1))
+    return jax.jit(grads).trace(x, k).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_matmul_gradients_on_cpus_only():
+    """The matmul gradients (col2im input, im2col kernel) were measured on CPUs: a program
+    lowered for a TPU (the planner's AOT compile from this CPU host) keeps XLA's convolutions."""
     x, k = _random(1, 4, 4, 8), _random(3, 3, 8, 64, seed=1)
     assert conv.dot_input_grad(16, 64) and conv.dot_kernel_grad(16, 64)
-
-    def grad_jaxpr():
-        grads = jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b)), argnums=(0, 1))
-        return str(jax.make_jaxpr(grads)(x, k))
-
-    # The gradients by the convolutions they come from: input-shaped, kernel-shaped.
-    from_convs = ("f32[1,4,4,8] = conv_general_dilated", "f32[3,3,8,64] = conv_general_dilated")
-    assert grad_jaxpr().count("= dot_general[") == 2
-    assert not any(c in grad_jaxpr() for c in from_convs)
-    monkeypatch.setattr(conv, "_on_cpu", lambda: False)
-    assert "dot_general" not in grad_jaxpr()
-    assert all(c in grad_jaxpr() for c in from_convs)
+    cpu, tpu = _lowered_grads(x, k, "cpu"), _lowered_grads(x, k, "tpu")
+    assert cpu.count("stablehlo.dot_general") == 2 and cpu.count("stablehlo.convolution") == 1
+    assert "stablehlo.dot_general" not in tpu and tpu.count("stablehlo.convolution") == 3
 
 
-def test_gradients_are_forward_convolutions_on_cpus(monkeypatch):
+def _conv_specs(hlo: str) -> list[str]:
+    """Each convolution's dimension numbers (``[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]``: NHWC,
+    HWIO, a forward convolution)."""
+    return re.findall(r"dim_numbers = (.+?), window", hlo)
+
+
+def test_gradients_are_forward_convolutions_on_cpus():
     """Where the matmul forms do not apply, both gradients are forward convolutions (standard
     NHWC / HWIO dimension numbers): XLA:CPU runs its own gradient convolutions 30-50x slower
-    inside a loop body. Other backends keep XLA's."""
+    inside a loop body. A TPU program keeps XLA's."""
     x, k = _random(2, 8, 8, 16), _random(3, 3, 16, 4, seed=1)
     assert not conv.dot_input_grad(128, 4) and not conv.dot_kernel_grad(128, 4)
-    forward = str(lax.conv_dimension_numbers(x.shape, k.shape, conv.NHWC))
-
-    def conv_specs():
-        grads = jax.grad(lambda a, b: jnp.sum(conv.same_conv(a, b) ** 2), argnums=(0, 1))
-        eqns = jax.make_jaxpr(grads)(x, k).jaxpr.eqns
-        return [str(e.params["dimension_numbers"]) for e in eqns
-                if e.primitive.name == "conv_general_dilated"]
-
-    assert conv_specs() == [forward] * 3  # the forward pass and both gradients
-    monkeypatch.setattr(conv, "_on_cpu", lambda: False)
-    assert conv_specs()[0] == forward and conv_specs()[1:] != [forward] * 2
+    forward = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+    assert _conv_specs(_lowered_grads(x, k, "cpu")) == [forward] * 3  # forward + 2 gradients
+    tpu = _conv_specs(_lowered_grads(x, k, "tpu"))
+    assert tpu[0] == forward and tpu[1:] != [forward] * 2
 
 
 def test_same_conv_gradients_in_bfloat16():

@@ -35,7 +35,9 @@ def devices():
 
 @pytest.fixture(scope="module")
 def smoke_plan(devices):
+    """The smoke config planned as SD 1.5 runs: bfloat16 activations (so re-scoring is on)."""
     config = _smoke_config()
+    config.model.dtype = "bfloat16"
     return config, plan.plan(config, devices, plan.chip_memory(devices, None))
 
 
@@ -73,6 +75,10 @@ def test_smoke_plan_accounts_memory_and_flops(smoke_plan):
     # FLOPs: the rollout runs S guided UNet calls; the update n timesteps per minibatch.
     assert all(v > 0 for v in p.flops.values())
     assert p.flops["t2i_update"] > p.flops["rollout_unet"]  # fwd + bwd (+ remat) > fwd
+    # Re-scoring: one guided UNet forward per trained transition, a quarter of the update
+    # (forward, remat's recomputation, backward at about twice the forward).
+    assert 0.15 * p.flops["t2i_update"] < p.flops["t2i_rescore"] <= 0.35 * p.flops["t2i_update"]
+    assert "t2i_rescore is" in plan.report(p)
     assert "FITS" in plan.report(p)
 
 

@@ -16,12 +16,14 @@ from parrot_jax.diffusion import CFG, DDIMSchedule, branch_contexts, sample
 from parrot_jax.models.lora import LoRA
 from parrot_jax.rl import rescore_log_prob
 from parrot_jax.rl.losses import ddpo_loss
+from parrot_jax.toyworld import assets
 from parrot_jax.training.step import (
     T2IBatch,
     T2IUpdateConfig,
     _timestep_slots,
     accumulate_gradients,
     init_train_state,
+    make_rescore,
     make_train_step,
     merged_params,
     put_t2i_batch,
@@ -215,3 +217,75 @@ def test_lora_update_trains_only_the_factors(setup):
     assert all("attn2" in jax.tree_util.keystr(p) for p, _ in factors)
     assert any(jax.tree_util.keystr(p).endswith("['b']") and float(jnp.abs(x).max()) > 0
                for p, x in factors)  # the zero-initialised B moved
+
+
+def test_microbatches_give_the_unchunked_step(setup):
+    """A minibatch processed in chunks inside the step (``t2i.microbatch``) gives the
+    unchunked step's loss, ratios, gradient norm and re-scored log-probs, sharded over 2
+    devices (4 samples each, chunks of 2: each device keeps its rows)."""
+    module, params, schedule, batch = setup
+    key = jax.random.key(2)
+    results = {}
+    for chunks, devices in ((1, None), (2, 2)):
+        config = dataclasses.replace(CONFIG, microbatches=chunks)
+        mesh = None if devices is None else parallel.make_mesh({"data": devices},
+                                                               jax.devices()[:devices])
+        state = init_train_state(params, config, mesh=mesh)
+        kw = {} if mesh is None else dict(mesh=mesh, state_sharding=state_shardings(state, mesh))
+        b = batch if mesh is None else put_t2i_batch(jax.device_get(batch), mesh)
+        log_probs = make_rescore(module, schedule, GUIDANCE, config, **kw)(
+            state.trainable, state.frozen, b, key)
+        _, metrics = make_train_step(module, schedule, GUIDANCE, config, **kw)(state, b, key)
+        results[chunks] = jax.device_get((metrics, log_probs))
+    (m1, lp1), (m2, lp2) = results[1], results[2]
+    np.testing.assert_allclose(lp2, lp1, rtol=1e-5, atol=1e-5)
+    for name in ("loss", "ratio", "clipfrac", "grad_norm", "ratio_min", "ratio_max"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=1e-4, atol=1e-7, err_msg=name)
+    with pytest.raises(ValueError, match="does not split into 3 chunks"):
+        make_train_step(module, schedule, GUIDANCE, dataclasses.replace(CONFIG, microbatches=3))(
+            init_train_state(params, CONFIG), batch, key)
+
+
+@pytest.fixture(scope="module")
+def toy_bf16():
+    """The toy world's trained UNet with bfloat16 activations, 32 trajectories of 4 steps."""
+    root = assets.ASSETS / assets.PIPELINE
+    module, params = hub.load_unet(root, subfolder="unet")
+    unet = module.clone(dtype=jnp.bfloat16)
+    schedule = DDIMSchedule.from_pretrained(root, 4)
+    n, side = 32, unet.config.sample_size
+    width = unet.config.cross_attention_dim[-1]  # per block; all equal
+    contexts = jax.random.normal(jax.random.key(0), (n, 2, 8, width))
+    _, traj = sample(unet, params, schedule, contexts, GUIDANCE, jax.random.key(1),
+                     latent_shape=(side, side, unet.config.in_channels))
+    advantages = jnp.linspace(-1.0, 1.0, n)
+    return unet, params, schedule, T2IBatch(traj.latents, traj.log_probs, traj.timesteps,
+                                            contexts, advantages, advantages > 0)
+
+
+@pytest.mark.parametrize("remat", [None, "nothing_saveable"])
+def test_first_update_ratio_one_in_bfloat16(toy_bf16, remat):
+    """bfloat16 activations: re-scored at the minibatch's shapes by the update's own forward
+    pass (``make_rescore``), the stored transitions give ratio 1 inside the paper's 1e-4 clip,
+    with per-block remat or without it (then the update checkpoints each timestep's loss).
+    The rollout's own log-probs, from a batch twice as large, do not."""
+    unet, params, schedule, batch = toy_bf16
+    config = dataclasses.replace(CONFIG, clip_range=1e-4, remat_policy=remat, rescore=True,
+                                 timestep_fraction=0.5)
+    minibatch = jax.tree.map(lambda x: x[:16] if x.ndim and x.shape[0] == 32 else x, batch)
+    state, key = init_train_state(params, config), jax.random.key(2)
+    log_probs = make_rescore(unet, schedule, GUIDANCE, config)(state.trainable, state.frozen,
+                                                              minibatch, key)
+    assert log_probs.shape == minibatch.log_probs.shape and log_probs.dtype == jnp.float32
+    trained = np.zeros(log_probs.shape, bool)  # the slots the step with this key trains on
+    trained[np.arange(16)[None, :], np.asarray(_timestep_slots(key, 16, 4, 2))] = True
+    np.testing.assert_array_equal(log_probs[~trained], minibatch.log_probs[~trained])
+    np.testing.assert_allclose(log_probs[trained], minibatch.log_probs[trained], atol=2.0)
+    step = make_train_step(unet, schedule, GUIDANCE, config)
+    ratios = {}
+    for name, b in (("rollout", minibatch), ("rescored", minibatch.replace(log_probs=log_probs))):
+        _, metrics = step(jax.tree.map(jnp.copy, state), b, key)
+        ratios[name] = {k: float(metrics[k]) for k in ("ratio_min", "ratio_max", "clipfrac")}
+    assert all(abs(ratios["rescored"][k] - 1.0) <= 1e-6 for k in ("ratio_min", "ratio_max"))
+    assert ratios["rescored"]["clipfrac"] == 0.0, ratios
+    assert ratios["rollout"]["clipfrac"] > 0.0, ratios  # what re-scoring is for

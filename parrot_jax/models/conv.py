@@ -10,8 +10,9 @@ gradient is cheaper as one matrix product with the kernel as it is stored
 of the im2col patches with ``dy`` (``patches[M, kh*kw*I]^T @ dy [M, O]``): XLA:CPU runs that
 convolution on one thread whatever the pool size, the matmul on all of them. Which form is
 cheaper depends on the ratio of the activations to the kernel, which is static, so
-``same_conv`` picks per call site (``dot_input_grad``, ``dot_kernel_grad``), when the default
-backend is the CPU; the forward pass is XLA's own.
+``same_conv`` picks per call site (``dot_input_grad``, ``dot_kernel_grad``), in programs
+lowered for the CPU (``lax.platform_dependent``); other platforms keep XLA's gradients, and the
+forward pass is XLA's own everywhere.
 
 Elsewhere both gradients are written as *forward* convolutions (the input gradient with the
 kernel flipped and transposed, the kernel gradient as a correlation of the input with ``dy``),
@@ -53,11 +54,6 @@ def dot_kernel_grad(batch_pixels: int, out_channels: int) -> bool:
     there); even at 16x16 with 512 channels; 10-30% slower at 16x16 with 256 and at 32x32.
     """
     return 2 * batch_pixels <= out_channels
-
-
-def _on_cpu() -> bool:
-    """Whether programs are traced for the CPU (the default backend)."""
-    return jax.default_backend() == "cpu"
 
 
 def _lax_same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -128,18 +124,18 @@ def _correlation_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[in
     return jnp.transpose(grad, (1, 2, 0, 3))
 
 
-def _same_conv_bwd(residuals, dy):
-    x, kernel = residuals
+def _xla_grads(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XLA's own gradient convolutions (every backend but the CPU)."""
+    d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
+    dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]
+    return dx, d_kernel
+
+
+def _cpu_grads(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Forward convolutions or matmuls, not XLA's gradient convolutions: XLA:CPU runs those
+    30-50x slower inside the T2I step's scan over timesteps (module docstring)."""
     n, h, w, o = dy.shape
     pixels = n * h * w
-    # Measured on CPUs only: other default backends keep XLA's own gradients. Decided at trace
-    # time, so a program holds one algorithm (an AOT TPU compile from a CPU host gets these).
-    if not _on_cpu():
-        d_kernel = jax.vjp(lambda k: _lax_same_conv(x, k), kernel)[1](dy)[0]
-        dx = jax.vjp(lambda v: _lax_same_conv(v, kernel), x)[1](dy)[0]
-        return dx, d_kernel
-    # Forward convolutions, not XLA's gradient ones: those run 30-50x slower inside the T2I
-    # step's scan over timesteps (module docstring).
     if dot_kernel_grad(pixels, o):
         d_kernel = _im2col_kernel_grad(x, dy, kernel.shape)
     else:
@@ -149,6 +145,13 @@ def _same_conv_bwd(residuals, dy):
     else:
         dx = _flipped_input_grad(kernel, dy)
     return dx, d_kernel.astype(kernel.dtype)
+
+
+def _same_conv_bwd(residuals, dy):
+    x, kernel = residuals
+    # Chosen for the platform a program is lowered for, not the host's: an AOT compile for a
+    # TPU from a CPU host (the planner) gets XLA's gradients, as the TPU will run them.
+    return lax.platform_dependent(x, kernel, dy, cpu=_cpu_grads, default=_xla_grads)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)

@@ -163,18 +163,23 @@ def parrot_iteration(run: Run, state: dict, mark: Callable[..., None] | None = N
                             frozen=run.frozen, opt_state=state["t2i"]["opt_state"])
         order = np.asarray(jax.random.permutation(k_perm, sizes.batch))
         shardings = batch_shardings(run.mesh)
+        parts = [(minibatch(shardings, batch, order[i * sizes.minibatch:][:sizes.minibatch]),
+                  jax.random.fold_in(k_train, i)) for i in range(sizes.minibatches)]
+        if run.rescore is not None:  # every minibatch scored by the sampling policy, first
+            rescored = [run.rescore(t2i.trainable, t2i.frozen, mb, k) for mb, k in parts]
+            metrics["t2i/rescore_shift"] = jnp.max(jnp.stack(
+                [jnp.max(jnp.abs(lp - mb.log_probs)) for lp, (mb, _) in zip(rescored, parts)]))
+            parts = [(mb.replace(log_probs=lp), k) for lp, (mb, k) in zip(rescored, parts)]
         steps = []
-        for i in range(sizes.minibatches):
-            rows = order[i * sizes.minibatch:(i + 1) * sizes.minibatch]
-            t2i, out = run.train_step(t2i, minibatch(shardings, batch, rows),
-                                      jax.random.fold_in(k_train, i))
+        for mb, k in parts:
+            t2i, out = run.train_step(t2i, mb, k)
             steps.append(out)
         run.frozen = t2i.frozen  # the step donates the whole state; frozen comes back as is
         new["t2i"] = {"step": t2i.step, "trainable": t2i.trainable, "opt_state": t2i.opt_state}
         for name in ("loss", "approx_kl", "clipfrac", "grad_norm"):
             metrics[f"t2i/{name}"] = jnp.mean(jnp.stack([o[name] for o in steps]))
         # The first minibatch is scored by the policy that sampled it, so its ratios differ from
-        # 1 only by numerics (docs/method.md: reduced-precision matmuls make clipfrac_first > 0).
+        # 1 only by numerics (docs/method.md, numerics).
         metrics["t2i/ratio_first"] = steps[0]["ratio"]
         metrics["t2i/clipfrac_first"] = steps[0]["clipfrac"]
         metrics["t2i/approx_kl_first"] = steps[0]["approx_kl"]
@@ -208,10 +213,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
                  config.sample.num_steps, config.num_iterations)
     models.place(parallel.replicated(mesh))
     state, frozen = initial_state(settings, models, mesh, config.model.pen)
-    train_step = train_step_for(models, settings, mesh, state, frozen,
-                                config_dict(config.sample), config.model.pretrained)
+    train_step, rescore = train_step_for(models, settings, mesh, state, frozen,
+                                         config_dict(config.sample), config.model.pretrained)
     null = models.clip_tokenizer([""], padding="max_length", max_length=models.context_length)
-    run = Run(config, settings, models, mesh, prompts, frozen, train_step,
+    run = Run(config, settings, models, mesh, prompts, frozen, train_step, rescore,
               np.asarray(null["input_ids"], np.int32))
     write_config(config, workdir)
     return run, state

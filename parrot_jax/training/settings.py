@@ -121,7 +121,7 @@ class Settings:
                                         temperature=p.temperature, top_k=p.top_k,
                                         top_p=p.top_p),
             pen_rl=pen_rl, pen_advantage=p.advantage, t2i_train=c.t2i.train,
-            t2i=t2i_update(c),
+            t2i=t2i_update(c, devices),
             advantage=AdvantageConfig(mode=a.mode, pareto=a.pareto, selection=a.selection,
                                       stats=a.stats, weights=tuple(a.weights),
                                       reward_index=a.reward_index, adv_clip=a.adv_clip,
@@ -132,15 +132,23 @@ class Settings:
             final_eval=final_eval(c.final_eval, num_rewards))
 
 
-def t2i_update(config: ml_collections.ConfigDict) -> T2IUpdateConfig:
-    """``config.t2i`` (and the DDIM eta it re-scores with) as the T2I update's settings."""
+def t2i_update(config: ml_collections.ConfigDict, devices: int = 1) -> T2IUpdateConfig:
+    """``config.t2i`` (and the DDIM eta it re-scores with) as the T2I update's settings, for
+    minibatches split over ``devices``."""
     t = config.t2i
+    per_device = config.num_groups * config.images_per_group // config.num_minibatches // devices
+    if t.microbatch and per_device % t.microbatch:
+        raise ConfigError(f"config.t2i.microbatch={t.microbatch} does not divide the "
+                          f"{per_device} images of a minibatch per device")
     return T2IUpdateConfig(trainable=t.trainable, learning_rate=t.learning_rate,
                            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                            max_grad_norm=t.max_grad_norm, clip_range=t.clip_range,
                            timestep_fraction=t.timestep_fraction, scan_unroll=t.scan_unroll,
                            remat_policy="nothing_saveable" if t.remat else None,
-                           eta=config.sample.eta, adv_clip=None)
+                           eta=config.sample.eta, adv_clip=None,
+                           microbatches=per_device // t.microbatch if t.microbatch else 1,
+                           rescore=t.rescore == "on" or (t.rescore == "auto"
+                                                         and config.model.dtype != "float32"))
 
 
 def final_eval(fe: ml_collections.ConfigDict, num_rewards: int) -> FinalEval | None:

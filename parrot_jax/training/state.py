@@ -33,6 +33,7 @@ from parrot_jax.training.step import (
     T2ITrainState,
     batch_shardings,
     init_train_state,
+    make_rescore,
     make_train_step,
     state_shardings,
 )
@@ -52,6 +53,7 @@ class Run:
     prompts: list[str]  # the RL prompts
     frozen: Any  # the UNet parameters the T2I update does not train
     train_step: Any  # the jitted T2I update (state donated)
+    rescore: Any  # the jitted behaviour_log_probs, or None (t2i.rescore off)
     null_ids: np.ndarray  # [1, L] the null prompt's token ids
 
     def rollout(self, state: dict, cond_ids: Any, key: jax.Array) -> tuple:
@@ -110,17 +112,21 @@ _TRAIN_STEPS: dict[Any, Any] = {}
 
 
 def train_step_for(models: ParrotModels, settings: Settings, mesh: Mesh, state: dict,
-                   frozen: Any, sample_config: dict, pretrained: str) -> Any:
-    """The jitted, sharded T2I update of this run (cached per model, settings and mesh)."""
+                   frozen: Any, sample_config: dict, pretrained: str) -> tuple[Any, Any]:
+    """The jitted, sharded T2I update of this run and its re-scoring (None when
+    ``settings.t2i.rescore`` is off), cached per model, settings and mesh."""
     t2i = T2ITrainState(step=state["t2i"]["step"], trainable=state["t2i"]["trainable"],
                         frozen=frozen, opt_state=state["t2i"]["opt_state"])
     rules = PARAM_RULES[settings.param_sharding]
     key = (models.unet, settings.t2i, mesh, rules, settings.guidance_scale,
            json.dumps(sample_config, sort_keys=True), pretrained)
     if key not in _TRAIN_STEPS:
-        _TRAIN_STEPS[key] = make_train_step(
-            models.unet, models.schedule, CFG(settings.guidance_scale), settings.t2i, mesh=mesh,
-            state_sharding=state_shardings(t2i, mesh, rules))
+        args = (models.unet, models.schedule, CFG(settings.guidance_scale), settings.t2i)
+        sharding = state_shardings(t2i, mesh, rules)
+        _TRAIN_STEPS[key] = (
+            make_train_step(*args, mesh=mesh, state_sharding=sharding),
+            make_rescore(*args, mesh=mesh, state_sharding=sharding) if settings.t2i.rescore
+            else None)
     return _TRAIN_STEPS[key]
 
 

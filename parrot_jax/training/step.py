@@ -4,10 +4,13 @@ optax update (docs/method.md).
 
 Each sample trains on a random subset of its own timesteps (``timestep_fraction`` of S, permuted
 independently per sample as DDPO does). Every scan step re-scores one transition per sample under
-the same guidance rule, weights and DDIM step as sampling (``rl.rescore_log_prob``), so the ratio
-is 1 (to float32 rounding, ~1e-6) before the first update. Only the trainable subset has
-gradients and optimizer state: cross-attention (``attn2``, the paper's choice), everything, or
-LoRA factors; the frozen rest is carried unchanged.
+the same guidance rule, weights and DDIM step as sampling (``rl.rescore_log_prob``), so in
+float32 the ratio is 1 (to rounding, ~1e-6) before the first update. With bfloat16
+activations the rollout's log-probs are too far from the update's for the 1e-4 clip;
+``behaviour_log_probs`` re-scores the stored transitions with the update's own forward pass
+first. Only the trainable subset has gradients and optimizer state: cross-attention
+(``attn2``, the paper's choice), everything, or LoRA factors; the frozen rest is carried
+unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jax.sharding import Mesh
 from parrot_jax import parallel
 from parrot_jax.diffusion import DDIMSchedule, Guidance
 from parrot_jax.optim import clipped_adamw
-from parrot_jax.rl.losses import ddpo_timestep_loss
+from parrot_jax.rl.losses import ddpo_timestep_loss, rescore_log_prob
 from parrot_jax.weights import (
     T2I_LORA_ALPHA,
     T2I_LORA_RANK,
@@ -65,6 +68,13 @@ class T2IUpdateConfig:
     # train_step.py): CPU runs may unroll at the cost of compile time; on accelerators a rolled
     # loop keeps compile time and program size independent of the number of trained timesteps.
     scan_unroll: int | bool = 1
+    # Re-score the stored transitions with the update's own forward pass before the first
+    # optimiser step (``behaviour_log_probs``), so that narrow activations keep the ratio at 1.
+    rescore: bool = False
+    # Chunks each minibatch is processed in, one after another inside the step (1: all at once):
+    # activation memory scales with the chunk, results are the unchunked step's (config
+    # t2i.microbatch sets it per device).
+    microbatches: int = 1
 
     def train_timesteps(self, num_steps: int) -> int:
         """How many of ``num_steps`` timesteps each sample trains on (at least 1)."""
@@ -156,29 +166,63 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)[:, 0]
 
 
+def _chunk(x: jax.Array, j: jax.Array, chunks: int) -> jax.Array:
+    """Chunk ``j`` of ``x [B, ...]``: rows ``j, j + chunks, ...`` (``[B / chunks, ...]``). Every
+    device's contiguous block of a batch-sharded ``x`` holds its share of each chunk, so taking
+    one moves no data between devices."""
+    if chunks == 1:
+        return x
+    split = x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(split, j, axis=1, keepdims=False)
+
+
+def _scan_order(slots: jax.Array, chunks: int) -> tuple[jax.Array, jax.Array]:
+    """The update's scan steps: ``(chunk [chunks * n], slots [chunks * n, B / chunks])``, chunk
+    by chunk, each chunk's n trained timesteps in turn (``slots [n, B]``)."""
+    n, b = slots.shape
+    per_chunk = jnp.moveaxis(slots.reshape(n, b // chunks, chunks), 2, 0)  # [chunks, n, B/c]
+    return (jnp.repeat(jnp.arange(chunks, dtype=jnp.int32), n),
+            per_chunk.reshape(chunks * n, b // chunks))
+
+
+def _transition(batch: T2IBatch, j: jax.Array, idx: jax.Array, chunks: int) -> dict[str, Any]:
+    """Scan step ``(j, idx)``'s inputs: chunk ``j``'s samples at their slots ``idx``."""
+    latents = _chunk(batch.latents, j, chunks)
+    return dict(x_t=_take(latents, idx), x_prev=_take(latents, idx + 1),
+                timestep=batch.timesteps[idx],
+                old_log_prob=_take(_chunk(batch.log_probs, j, chunks), idx),
+                contexts=_chunk(batch.contexts, j, chunks),
+                advantages=_chunk(batch.advantages, j, chunks))
+
+
 def accumulate_gradients(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
                          config: T2IUpdateConfig, trainable: Any, frozen: Any, batch: T2IBatch,
                          slots: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
     """Sum over scan steps of the per-timestep loss gradients w.r.t. ``trainable``.
 
     slots: int32 ``[n, B]``, the step index each sample trains at in scan step j (see
-    ``_timestep_slots``). Returns ``(gradient sum, metric sums and extremes)``.
+    ``_timestep_slots``). The scan runs ``config.microbatches`` chunks of the batch in turn, n
+    steps each. Returns ``(gradient sum, metric sums and extremes)`` over its steps.
     """
     denoiser = _denoiser_for_training(denoiser, config)
 
-    def loss_fn(trainable, x_t, t, x_prev, old_log_prob):
+    def loss_fn(trainable, step):
         return ddpo_timestep_loss(denoiser, merged_params(trainable, frozen), schedule,
-                                  batch.contexts, guidance, x_t, t, x_prev, old_log_prob,
-                                  batch.advantages, eta=config.eta, clip_range=config.clip_range,
+                                  step["contexts"], guidance, step["x_t"], step["timestep"],
+                                  step["x_prev"], step["old_log_prob"], step["advantages"],
+                                  eta=config.eta, clip_range=config.clip_range,
                                   adv_clip=config.adv_clip)
 
+    if config.rescore and config.remat_policy is None:
+        # The log-probs must be computed as ``behaviour_log_probs`` computes them: a forward pass
+        # whose activations are kept for the backward pass is fused, and so rounded, otherwise.
+        # Per-block remat already keeps them only at block boundaries; without it, recompute.
+        loss_fn = jax.checkpoint(loss_fn)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(carry, idx):
+    def body(carry, order):
         grads, sums = carry
-        x_t, x_prev = _take(batch.latents, idx), _take(batch.latents, idx + 1)
-        (loss, m), g = grad_fn(trainable, x_t, batch.timesteps[idx], x_prev,
-                               _take(batch.log_probs, idx))
+        (loss, m), g = grad_fn(trainable, _transition(batch, *order, config.microbatches))
         grads = jax.tree.map(jnp.add, grads, g)
         sums = {"loss": sums["loss"] + loss, "approx_kl": sums["approx_kl"] + m["approx_kl"],
                 "clipfrac": sums["clipfrac"] + m["clipfrac"], "ratio": sums["ratio"] + m["ratio"],
@@ -190,8 +234,46 @@ def accumulate_gradients(denoiser: Any, schedule: DDIMSchedule, guidance: Guidan
     sums = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio": zero,
             "ratio_min": jnp.array(jnp.inf), "ratio_max": jnp.array(-jnp.inf)}
     grads = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, sums), _ = jax.lax.scan(body, (grads, sums), slots, unroll=config.scan_unroll)
+    (grads, sums), _ = jax.lax.scan(body, (grads, sums),
+                                    _scan_order(slots, config.microbatches),
+                                    unroll=config.scan_unroll)
     return grads, sums
+
+
+def behaviour_log_probs(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
+                        config: T2IUpdateConfig, trainable: Any, frozen: Any, batch: T2IBatch,
+                        key: jax.Array) -> jax.Array:
+    """``batch.log_probs`` ``[B, S]`` with the transitions ``train_step(..., key)`` will train on
+    re-scored by the update's own forward pass under ``trainable`` (the sampling policy).
+
+    The same scan over the same timestep slots, shapes and remat as ``accumulate_gradients``,
+    without the backward pass. With bfloat16 activations the rollout's log-probs (another
+    program, a larger batch) differed from the update's by up to 0.2-0.5 in the toy world,
+    thousands of times the paper's ratio clip; these agree with them to float32 rounding, so
+    the ratio starts at 1. Costs one UNet forward per trained transition. Untrained slots keep their
+    sampled values."""
+    b, s = batch.log_probs.shape
+    slots = _timestep_slots(key, b, s, config.train_timesteps(s))
+    denoiser = _denoiser_for_training(denoiser, config)
+    chunks, n = config.microbatches, slots.shape[0]
+
+    def body(_, order):
+        step = _transition(batch, *order, chunks)
+
+        def log_prob(trainable):
+            return rescore_log_prob(denoiser, merged_params(trainable, frozen), schedule,
+                                    step["contexts"], guidance, step["x_t"], step["timestep"],
+                                    step["x_prev"], eta=config.eta)
+
+        # Evaluated as the update evaluates it: as the forward half of a gradient in
+        # ``trainable``, so custom gradients' forward rules run, not their plain forms (the
+        # attention's differ). The unused backward half is never computed.
+        return None, jax.vjp(log_prob, trainable)[0]
+
+    _, log_probs = jax.lax.scan(body, None, _scan_order(slots, chunks),
+                                unroll=config.scan_unroll)  # [chunks * n, B / chunks]
+    log_probs = jnp.moveaxis(log_probs.reshape(chunks, n, b // chunks), 0, 2).reshape(n, b)
+    return batch.log_probs.at[jnp.arange(b)[None, :], slots].set(log_probs)
 
 
 def train_step(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
@@ -203,13 +285,16 @@ def train_step(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
     selected_fraction, and the number of trained timesteps per sample."""
     b, s = batch.log_probs.shape
     n = config.train_timesteps(s)
+    if b % config.microbatches:
+        raise ValueError(f"a minibatch of {b} does not split into {config.microbatches} chunks")
     slots = _timestep_slots(key, b, s, n)
     grads, sums = accumulate_gradients(denoiser, schedule, guidance, config, state.trainable,
                                        state.frozen, batch, slots)
-    grads = jax.tree.map(lambda g: g / n, grads)
+    steps = n * config.microbatches  # equal chunks: the mean of chunk means is the batch mean
+    grads = jax.tree.map(lambda g: g / steps, grads)
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {k: v / n for k, v in sums.items() if k not in ("ratio_min", "ratio_max")}
+    metrics = {k: v / steps for k, v in sums.items() if k not in ("ratio_min", "ratio_max")}
     metrics.update(ratio_min=sums["ratio_min"], ratio_max=sums["ratio_max"],
                    grad_norm=optax.tree.norm(grads),
                    selected_fraction=jnp.mean(batch.selected.astype(jnp.float32)),
@@ -237,6 +322,25 @@ def minibatch(sharding: T2IBatch, batch: T2IBatch, rows: jax.Array) -> T2IBatch:
                     contexts=take(batch.contexts, sharding.contexts),
                     advantages=take(batch.advantages, sharding.advantages),
                     selected=take(batch.selected, sharding.selected))
+
+
+def make_rescore(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
+                 config: T2IUpdateConfig, *, mesh: Mesh | None = None,
+                 state_sharding: T2ITrainState | None = None,
+                 ) -> Callable[[Any, Any, T2IBatch, jax.Array], jax.Array]:
+    """``behaviour_log_probs(trainable, frozen, batch, key) -> log_probs [B, S]`` jitted as
+    ``make_train_step`` jits the update (with a mesh: the state's parameter shardings and the
+    batch's)."""
+    fn = functools.partial(behaviour_log_probs, denoiser, schedule, guidance, config)
+    if mesh is None:
+        return jax.jit(fn)
+    if state_sharding is None:
+        raise ValueError("make_rescore with a mesh needs state_sharding")
+    data = batch_shardings(mesh)
+    return jax.jit(fn,
+                   in_shardings=(state_sharding.trainable, state_sharding.frozen, data,
+                                 parallel.replicated(mesh)),
+                   out_shardings=data.log_probs)
 
 
 def put_t2i_batch(batch: T2IBatch, mesh: Mesh) -> T2IBatch:
