@@ -144,3 +144,21 @@ def test_plugins_are_found_by_name():
         plugins.reward_set("nope")
     with pytest.raises(plugins.PluginError, match=r"config\.final_eval\.image_metrics='x':"):
         plugins.image_metrics("x")
+
+
+def test_update_settings_from_the_schema():
+    """``t2i.rescore='auto'`` re-scores exactly when activations are narrower than float32;
+    ``t2i.microbatch`` (per device) becomes the update's chunk count, and must divide."""
+    from parrot_jax.training.settings import t2i_update
+
+    c = schema.defaults()  # 256 images, 4 minibatches: 64 per minibatch
+    assert not t2i_update(c).rescore and t2i_update(c).microbatches == 1
+    c.model.dtype = "bfloat16"
+    assert t2i_update(c).rescore
+    c.t2i.rescore = "off"
+    assert not t2i_update(c).rescore
+    c.t2i.microbatch = 2
+    assert t2i_update(c, devices=8).microbatches == 4  # 8 images per device, 2 at a time
+    c.t2i.microbatch = 3
+    with pytest.raises(schema.ConfigError, match="config.t2i.microbatch=3"):
+        t2i_update(c, devices=8)
