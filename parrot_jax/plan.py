@@ -50,9 +50,9 @@ from parrot_jax.precision import under_matmul_precision
 from parrot_jax.training.settings import Settings
 from parrot_jax.training.state import PARAM_RULES
 from parrot_jax.training.step import (
-    T2IBatch,
     T2ITrainState,
     accumulate_gradients,
+    batch_spec,
     make_optimizer,
     make_train_step,
     merged_params,
@@ -316,15 +316,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[Any],
     train_step = make_train_step(m.unet, m.schedule, guidance, update, mesh=mesh,
                                  state_sharding=jax.tree.map(lambda x: x.sharding, state))
     mb = sizes.minibatch
-    batch = T2IBatch(
-        latents=jax.ShapeDtypeStruct((mb, *traj.latents.shape[1:]), traj.latents.dtype,
-                                     sharding=data),
-        log_probs=jax.ShapeDtypeStruct((mb, *traj.log_probs.shape[1:]), traj.log_probs.dtype,
-                                       sharding=data),
-        timesteps=jax.ShapeDtypeStruct(traj.timesteps.shape, traj.timesteps.dtype, sharding=rep),
-        contexts=jax.ShapeDtypeStruct((mb, *contexts.shape[1:]), contexts.dtype, sharding=data),
-        advantages=jax.ShapeDtypeStruct((mb,), jnp.float32, sharding=data),
-        selected=jax.ShapeDtypeStruct((mb,), jnp.bool_, sharding=data))
+    batch = batch_spec(mb, traj.log_probs.shape[1], m.latent_shape, contexts, mesh)
     _, t = _compile("t2i_train_step", train_step.lower(state, batch, key))
 
     # The PEN expansion of G templated prompts.

@@ -29,9 +29,8 @@ from parrot_jax.policy import Policy, group_contexts, rollout
 from parrot_jax.rl import init_stat_tracker
 from parrot_jax.training.settings import Settings
 from parrot_jax.training.step import (
-    T2IBatch,
     T2ITrainState,
-    batch_shardings,
+    batch_spec,
     init_train_state,
     make_rescore,
     make_train_step,
@@ -142,16 +141,7 @@ def compile_ahead(run: Run, state: dict) -> None:
     contexts = jax.eval_shape(
         lambda params, ids: group_contexts(m.text_encoder, params, ids, ids, s.sizes.group_size),
         m.text_params, run.null_ids)
-    shardings = batch_shardings(run.mesh)
-    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dtype, sharding=sharding)
-    batch = T2IBatch(
-        latents=spec((mb, steps + 1, *m.latent_shape), jnp.float32, shardings.latents),
-        log_probs=spec((mb, steps), jnp.float32, shardings.log_probs),
-        timesteps=spec((steps,), jnp.int32, shardings.timesteps),
-        contexts=spec((mb, *contexts.shape[1:]), contexts.dtype, shardings.contexts),
-        advantages=spec((mb,), jnp.float32, shardings.advantages),
-        selected=spec((mb,), jnp.bool_, shardings.selected))
+    batch = batch_spec(mb, steps, m.latent_shape, contexts, run.mesh)
     t2i = T2ITrainState(step=state["t2i"]["step"], trainable=state["t2i"]["trainable"],
                         frozen=run.frozen, opt_state=state["t2i"]["opt_state"])
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,

@@ -311,6 +311,23 @@ def batch_shardings(mesh: Mesh) -> T2IBatch:
                     advantages=data, selected=data)
 
 
+def batch_spec(minibatch: int, steps: int, latent_shape: tuple[int, int, int], contexts: Any,
+               mesh: Mesh) -> T2IBatch:
+    """The abstract minibatch ``minibatch`` (below) cuts from a rollout of ``steps`` DDIM steps
+    with contexts like ``contexts`` (``[*, G, L, D]``): shapes, dtypes and shardings, to lower
+    the update ahead of time (the planner, ``training.state.compile_ahead``)."""
+    s = batch_shardings(mesh)
+    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=sharding)
+    return T2IBatch(
+        latents=spec((minibatch, steps + 1, *latent_shape), jnp.float32, s.latents),
+        log_probs=spec((minibatch, steps), jnp.float32, s.log_probs),
+        timesteps=spec((steps,), jnp.int32, s.timesteps),
+        contexts=spec((minibatch, *contexts.shape[1:]), contexts.dtype, s.contexts),
+        advantages=spec((minibatch,), jnp.float32, s.advantages),
+        selected=spec((minibatch,), jnp.bool_, s.selected))
+
+
 @functools.partial(jax.jit, static_argnames=("sharding",))
 def minibatch(sharding: T2IBatch, batch: T2IBatch, rows: jax.Array) -> T2IBatch:
     """The samples ``rows`` of ``batch`` (timesteps shared), placed over the batch axes as
