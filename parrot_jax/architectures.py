@@ -52,3 +52,31 @@ PIPELINES: dict[str, dict[str, dict[str, Any]]] = {
     "runwayml/stable-diffusion-v1-5": SD15,
 }
 T5_MODELS: dict[str, dict[str, Any]] = {"google/flan-t5-base": FLAN_T5_BASE}
+
+
+def _clip(text: dict[str, Any], vision: dict[str, Any], projection_dim: int,
+          act: str) -> dict[str, Any]:
+    """A ``CLIPModel`` config.json from its towers' sizes (224-px images, CLIP's vocabulary)."""
+    return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=projection_dim,
+                text_config=dict(vocab_size=49408, max_position_embeddings=77, hidden_act=act,
+                                 layer_norm_eps=1e-5, **text),
+                vision_config=dict(image_size=224, num_channels=3, hidden_act=act,
+                                   layer_norm_eps=1e-5, **vision))
+
+
+def _tower(hidden: int, layers: int, heads: int, **extra: int) -> dict[str, int]:
+    return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, **extra)
+
+
+# config.json of the reward backbones (parrot_jax.rewards.configs): OpenAI's ViT-L/14 and
+# ViT-B/32, and PickScore's OpenCLIP ViT-H/14.
+CLIP_MODELS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14": _clip(_tower(768, 12, 12),
+                                           _tower(1024, 24, 16, patch_size=14), 768,
+                                           "quick_gelu"),
+    "yuvalkirstain/PickScore_v1": _clip(_tower(1024, 24, 16), _tower(1280, 32, 16, patch_size=14),
+                                        1024, "gelu"),
+    "openai/clip-vit-base-patch32": _clip(_tower(512, 12, 8), _tower(768, 12, 12, patch_size=32),
+                                          512, "quick_gelu"),
+}

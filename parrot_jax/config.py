@@ -175,6 +175,18 @@ FIELDS: tuple[Field, ...] = (
           "'<name>' or '<name>:<argument>' (the toy world's: 'toy')", source),
     Field("model.dtype", "float32", "activation dtype of every model (parameters stay float32)",
           one_of("float32", "bfloat16")),
+    Field("model.frozen_dtype", "auto", "dtype the frozen weights are kept in on the devices "
+          "during training: the UNet's untrained part, the text encoder, the VAE and the "
+          "reward models. 'auto': model.dtype (bfloat16 activations use their matmul and "
+          "convolution weights in bfloat16 anyway; SD 1.5 with the paper's rewards then holds "
+          "4.8 GiB less per chip); 'float32' or 'bfloat16'. Trained weights, AdamW state and "
+          "the PEN stay float32", one_of("auto", "float32", "bfloat16"), resumable=True,
+          absent="float32"),
+    Field("model.attention", "auto", "self-attention of the UNet and VAE: 'xla' (XLA's fused "
+          "softmax), 'flash' (the Pallas TPU kernel: no score matrix, sequences that are "
+          "multiples of 128), 'cudnn' (fused, bfloat16 on NVIDIA GPUs), or 'auto': flash on "
+          "TPU, cudnn on GPU, xla on CPU (docs/method.md, numerics)",
+          one_of("auto", "xla", "flash", "cudnn"), resumable=True, absent="xla"),
     Field("model.tiny.", TINY_MODELS, "shapes of the random models 'tiny' builds (UNet, VAE, "
           "CLIP towers, T5: diffusers / transformers kwargs)"),
     # --- data --------------------------------------------------------------------------------
@@ -198,6 +210,11 @@ FIELDS: tuple[Field, ...] = (
           "rollouts and updates", number),
     Field("sample.eta", 1.0, "DDIM eta (1: the stochastic policy DDPO trains; must be > 0)",
           positive),
+    Field("sample.microbatch", 0, "images per device the training rollout processes at "
+          "once: its DDIM chain and VAE decoding run in chunks of this many, in turn (same "
+          "images, activation memory of one chunk); 0, or more than a device holds: all "
+          "G x N / devices at once",
+          non_negative_int, resumable=True, absent=0),
     Field("sample.scheduler.", SD_SCHEDULER, "the DDPM schedule of the 'tiny' models "
           "(diffusers scheduler config); a pipeline brings its own"),
     # --- the PEN -----------------------------------------------------------------------------
@@ -269,8 +286,9 @@ FIELDS: tuple[Field, ...] = (
           one_of("auto", "on", "off"), resumable=True, absent="off"),
     Field("t2i.microbatch", 0, "images per device the update processes at once: each "
           "per-device minibatch runs in chunks of this many inside the jitted step, "
-          "accumulated like the timesteps (same result, activation memory of one chunk); 0: "
-          "the whole per-device minibatch", non_negative_int, resumable=True, absent=0),
+          "accumulated like the timesteps (same result, activation memory of one chunk); 0, "
+          "or more than a device holds: the whole per-device minibatch", non_negative_int,
+          resumable=True, absent=0),
     Field("t2i.remat", True, "recompute each UNet block's activations in the update's "
           "backward pass instead of keeping them: less memory (SD at 512 px needs it), a "
           "third more UNet compute", boolean, absent=True),

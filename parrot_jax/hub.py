@@ -283,27 +283,31 @@ def load_weights(source: ModelSource, init: Callable[[jax.Array], Any], *,
 def load_unet(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
               variant: str | None = None, revision: str | None = None,
-              remat_policy: str | None = None) -> tuple[UNet2DConditionModel, dict]:
+              remat_policy: str | None = None,
+              attention_impl: str = "xla") -> tuple[UNet2DConditionModel, dict]:
     """A diffusers ``UNet2DConditionModel`` folder or hub id -> ``(module, params)``.
 
     ``dtype`` is the activation dtype; parameters are cast to ``param_dtype``.
+    ``attention_impl``: 'xla', 'flash' (TPU) or 'cudnn' (GPU), see ``attention_ops``.
     """
     source = ModelSource(path_or_id, subfolder, revision)
     config = UNetConfig.from_diffusers(*read_config(source))
     module = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
-                                  remat_policy=remat_policy)
+                                  remat_policy=remat_policy, attention_impl=attention_impl)
     params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
     return module, params
 
 
 def load_vae(path_or_id: str | os.PathLike, *, subfolder: str | None = None,
              dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-             variant: str | None = None,
-             revision: str | None = None) -> tuple[AutoencoderKL, dict]:
-    """A diffusers ``AutoencoderKL`` folder or hub id -> ``(module, params)``."""
+             variant: str | None = None, revision: str | None = None,
+             attention_impl: str = "xla") -> tuple[AutoencoderKL, dict]:
+    """A diffusers ``AutoencoderKL`` folder or hub id -> ``(module, params)``
+    (``attention_impl`` as ``load_unet``'s)."""
     source = ModelSource(path_or_id, subfolder, revision)
     config = VAEConfig.from_diffusers(*read_config(source))
-    module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
+    module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype,
+                           attention_impl=attention_impl)
     params = load_weights(source, module.init_params, variant=variant, param_dtype=param_dtype)
     return module, params
 

@@ -27,6 +27,7 @@ from parrot_jax.data.tokenizer import build_clip_tokenizer, train_t5_tokenizer
 from parrot_jax.diffusion import DDIMSchedule
 from parrot_jax.expansion.identifiers import reward_identifier
 from parrot_jax.expansion.template import InstructionTemplate
+from parrot_jax.models.attention_ops import resolve
 from parrot_jax.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -82,18 +83,44 @@ class ParrotModels:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def place(self, sharding: Any) -> None:
+    def place(self, sharding: Any, frozen_dtype: Any = None) -> None:
         """Put the text encoder's, VAE's and PEN's parameters on the devices with ``sharding``
-        (replicated: small next to the batch)."""
+        (replicated: small next to the batch); with ``frozen_dtype``, keep the text encoder's,
+        the VAE's and the reward models' weights in it (``model.frozen_dtype``)."""
         self.text_params = jax.device_put(self.text_params, sharding)
         self.vae_params = jax.device_put(self.vae_params, sharding)
         self.pen_params = jax.device_put(self.pen_params, sharding)
+        if frozen_dtype is not None:
+            self.text_params = store_as(self.text_params, frozen_dtype)
+            self.vae_params = store_as(self.vae_params, frozen_dtype)
+            self.rewards.params = store_as(self.rewards.params, frozen_dtype)
 
 
 def _dtype(name: str) -> Any:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={name!r}; 'float32' or 'bfloat16'")
     return jnp.dtype(name)
+
+
+def frozen_dtype(config: ml_collections.ConfigDict) -> Any:
+    """``config.model.frozen_dtype`` ('auto': ``model.dtype``) as a dtype."""
+    name = config.model.frozen_dtype
+    return _dtype(config.model.dtype if name == "auto" else name)
+
+
+def store_as(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating-point leaves in ``dtype`` (placement kept)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
+
+
+def attention_impl(config: ml_collections.ConfigDict, platform: str) -> str:
+    """``config.model.attention`` for ``platform`` (``attention_ops.resolve``): the UNet's and
+    VAE's self-attention implementation."""
+    try:
+        return resolve(config.model.attention, platform)
+    except ValueError as e:
+        raise ValueError(f"config.model.attention: {e}") from e
 
 
 def check_source(field: str, value: str) -> str:
@@ -249,6 +276,9 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
         pen_tokenizer = _loading("model.pen_tokenizer", tok_source, hub.load_tokenizer,
                                  tok_source)
 
+    impl = attention_impl(config, jax.default_backend())
+    t2i["unet"] = t2i["unet"].clone(attention_impl=impl)
+    t2i["vae"] = t2i["vae"].clone(attention_impl=impl)
     vae_factor = 2 ** (len(t2i["vae"].config.block_out_channels) - 1)
     if m.rewards == "tiny":
         if clip_tokenizer is None or m.pretrained != "tiny":

@@ -57,6 +57,14 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
                          devices=devices)
 
 
+def traced_on(mesh: Mesh | None) -> Any:
+    """A context in which programs trace with ``mesh``'s axes (``jax.sharding.
+    get_abstract_mesh``: the attention kernels split the batch over them, see
+    ``models.attention_ops``), without changing where eager arrays are put. None: no mesh."""
+    return jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), ()) if mesh is None else mesh.abstract_mesh)
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a batch's leading dimension shards over."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
@@ -129,6 +137,25 @@ def param_shardings(params: Any, rules: Sequence[tuple[str, str]], mesh: Mesh) -
 def shard_params(params: Any, rules: Sequence[tuple[str, str]], mesh: Mesh) -> Any:
     """``params`` placed on ``mesh`` by ``rules``."""
     return jax.device_put(params, param_shardings(params, rules, mesh))
+
+
+def chunk_rows(x: jax.Array, j: jax.Array | int, chunks: int) -> jax.Array:
+    """Chunk ``j`` of ``x [B, ...]``: rows ``j, j + chunks, ...`` (``[B / chunks, ...]``).
+
+    Every device's contiguous block of a batch-sharded ``x`` holds its share of each chunk (when
+    ``chunks`` divides the per-device batch), so taking one moves no data between devices.
+    """
+    if chunks == 1:
+        return x
+    split = x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(split, j, axis=1, keepdims=False)
+
+
+def unchunk_rows(x: jax.Array) -> jax.Array:
+    """The inverse of stacking ``chunk_rows(y, j, c)`` for ``j < c``: ``[c, B / c, ...] -> [B,
+    ...]`` in ``y``'s row order (again without moving data between devices)."""
+    c, n = x.shape[:2]
+    return jax.numpy.swapaxes(x, 0, 1).reshape((c * n,) + x.shape[2:])
 
 
 def put_batch(batch: Any, mesh: Mesh, shardings: Any = None) -> Any:

@@ -48,7 +48,7 @@ from parrot_jax.expansion import sample as pen_sample
 from parrot_jax.loading import ParrotModels, load_models
 from parrot_jax.models.lora import LoRA, merge
 from parrot_jax.models.vae import latents_to_images
-from parrot_jax.precision import under_matmul_precision
+from parrot_jax.precision import matmul_precision
 from parrot_jax.weights import with_trained
 from parrot_jax.workdir import CHECKPOINT_DIR, CONFIG_FILE, checkpoint_manager, restore_parts
 
@@ -89,13 +89,21 @@ def prompt_contexts(text_encoder: Any, text_params: Any, branch_ids: jax.Array,
 def render(unet: Any, vae: Any, unet_params: Any, vae_params: Any, schedule: Any,
            guidance: Any, contexts: jax.Array, key: jax.Array, *,
            latent_shape: tuple[int, int, int], eta: float, scaling_factor: float,
-           with_log_probs: bool, sharding: NamedSharding | None = None) -> tuple:
+           with_log_probs: bool, sharding: NamedSharding | None = None,
+           chunks: int = 1) -> tuple:
     """contexts ``[B, G, L, D]`` -> (images ``[B, H, W, 3]`` in [0, 1], the DDIM trajectory).
-    ``sharding`` keeps the batch placed over the mesh's batch axes. Traceable."""
+    ``sharding`` keeps the batch placed over the mesh's batch axes; ``chunks`` runs the DDIM
+    chain and the decoder on that many chunks of the batch in turn (the same images, the
+    activation memory of one chunk). Traceable."""
     x_0, trajectory = scan(unet, unet_params, schedule, contexts, guidance, key,
                            latent_shape=latent_shape, eta=eta, with_log_probs=with_log_probs,
-                           sharding=sharding)
-    images = latents_to_images(vae, vae_params, x_0, scaling_factor)
+                           sharding=sharding, chunks=chunks)
+    decode = lambda z: latents_to_images(vae, vae_params, z, scaling_factor)  # noqa: E731
+    if chunks == 1:
+        images = decode(x_0)
+    else:
+        images = parallel.unchunk_rows(jax.lax.map(
+            lambda j: decode(parallel.chunk_rows(x_0, j, chunks)), jnp.arange(chunks)))
     if sharding is not None:
         images = jax.lax.with_sharding_constraint(images, sharding)
     return images, trajectory
@@ -103,21 +111,22 @@ def render(unet: Any, vae: Any, unet_params: Any, vae_params: Any, schedule: Any
 
 @functools.partial(jax.jit, static_argnames=("unet", "text_encoder", "vae", "group_size",
                                              "latent_shape", "eta", "scaling_factor",
-                                             "sharding"))
+                                             "sharding", "chunks"))
 def rollout(unet: Any, text_encoder: Any, vae: Any, group_size: int,
             latent_shape: tuple[int, int, int], eta: float, scaling_factor: float,
             sharding: NamedSharding | None, unet_params: Any, text_params: Any,
             vae_params: Any, schedule: Any, guidance: Any, cond_ids: jax.Array,
-            null_ids: jax.Array, key: jax.Array) -> tuple:
+            null_ids: jax.Array, key: jax.Array, chunks: int = 1) -> tuple:
     """The training rollout: cond_ids ``[G, L]``, null_ids ``[1, L]`` -> (images ``[G*N, H, W,
-    3]`` in [0, 1], trajectory with log-probs, contexts ``[G*N, 2, L, D]``), N = group_size."""
+    3]`` in [0, 1], trajectory with log-probs, contexts ``[G*N, 2, L, D]``), N = group_size,
+    rendered in ``chunks`` chunks (``render``)."""
     contexts = group_contexts(text_encoder, text_params, null_ids, cond_ids, group_size)
     if sharding is not None:
         contexts = jax.lax.with_sharding_constraint(contexts, sharding)
     images, trajectory = render(unet, vae, unet_params, vae_params, schedule, guidance,
                                 contexts, key, latent_shape=latent_shape, eta=eta,
                                 scaling_factor=scaling_factor, with_log_probs=True,
-                                sharding=sharding)
+                                sharding=sharding, chunks=chunks)
     return images, trajectory, contexts
 
 
@@ -166,9 +175,18 @@ class Samples:
     conditions: list[str]  # [P] the conditioning texts the UNet saw
 
 
-# A policy compiles and runs under its run's config.matmul_precision, as training did: on a GPU
-# or TPU the default would use reduced-precision float32 matmuls and disagree with training.
-_under_run_precision = under_matmul_precision(lambda policy: policy.config)
+def _as_trained(method: Any) -> Any:
+    """A policy method that compiles and runs as training did: under its run's
+    ``config.matmul_precision`` (on a GPU or TPU the default would use reduced-precision float32
+    matmuls and disagree with training) and traced on its mesh (``parallel.traced_on``: the
+    attention kernels split the batch over it)."""
+
+    @functools.wraps(method)
+    def wrapped(self: Policy, *args: Any, **kwargs: Any) -> Any:
+        with matmul_precision(self.config), parallel.traced_on(self.mesh):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 @dataclasses.dataclass
@@ -191,7 +209,7 @@ class Policy:
         return SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                               top_k=p.top_k, top_p=p.top_p, greedy=greedy)
 
-    @_under_run_precision
+    @_as_trained
     def expand(self, prompts: Sequence[str], *, greedy: bool = True,
                key: jax.Array | None = None) -> list[str]:
         """The PEN's expansions of ``prompts`` (greedy, or sampled as the run's ``pen`` config
@@ -244,7 +262,7 @@ class Policy:
         return Conditioning(np.stack([nulls, original, cond["input_ids"]], axis=1),
                             PromptCentredGuidance(w1, w2), expansions, cond["texts"])
 
-    @_under_run_precision
+    @_as_trained
     def draw(self, conditioning: Conditioning, num_images: int, key: jax.Array) -> np.ndarray:
         """Images ``[P*num_images, H, W, 3]`` float32 in [0, 1] (rows prompt-major)."""
         if num_images <= 0:
@@ -256,7 +274,7 @@ class Policy:
                       conditioning.branch_ids, key)
         return np.asarray(images, np.float32)
 
-    @_under_run_precision
+    @_as_trained
     def sample(self, prompts: Sequence[str], *, identifiers: Sequence[int], w1: float,
                w2: float, expand_prompt: bool = True, greedy: bool = True, num_images: int = 4,
                seed: int = 0) -> Samples:
@@ -269,7 +287,7 @@ class Policy:
                            expand_prompt=expand_prompt, greedy=greedy, key=key_pen)
         return Samples(self.draw(c, num_images, key_images), c.expansions, c.texts)
 
-    @_under_run_precision
+    @_as_trained
     def score(self, images: Any, prompts: Sequence[str],
               conditions: Sequence[str]) -> np.ndarray:
         """The run's rewards ``[n, K]`` of images ``[n, H, W, 3]`` in [0, 1], each with its

@@ -33,7 +33,8 @@ def test_defaults_are_the_papers_and_sd15_is_the_defaults():
     sd15 = config_files.load(ROOT / "configs/sd15.py")
     diff = {k: v for k, v in schema.flat(config_dict(sd15)).items()
             if schema.flat(config_dict(c))[k] != v}
-    assert diff == {"model.dtype": "bfloat16"}
+    # The paper's settings, run in bfloat16, in chunks a v5e chip holds with room to spare.
+    assert diff == {"model.dtype": "bfloat16", "sample.microbatch": 8, "t2i.microbatch": 2}
 
 
 def test_presets_and_variants():
@@ -162,3 +163,35 @@ def test_update_settings_from_the_schema():
     c.t2i.microbatch = 3
     with pytest.raises(schema.ConfigError, match="config.t2i.microbatch=3"):
         t2i_update(c, devices=8)
+    c.t2i.microbatch = 16  # more than the 8 a device holds: all at once
+    assert t2i_update(c, devices=8).microbatches == 1
+
+
+def test_rollout_chunks_frozen_dtype_and_attention_from_the_schema():
+    """``sample.microbatch`` (per device) becomes the rollout's chunk count and must divide;
+    ``model.frozen_dtype='auto'`` follows ``model.dtype``; ``model.attention='auto'`` is the
+    platform's kernel, and an explicit one that cannot run there is refused naming the field."""
+    import jax.numpy as jnp
+
+    from parrot_jax import loading
+    from parrot_jax.training.settings import rollout_chunks
+
+    c = schema.defaults()  # 256 images per iteration
+    assert rollout_chunks(c, devices=8) == 1
+    c.sample.microbatch = 8
+    assert rollout_chunks(c, devices=8) == 4  # 32 images per device, 8 at a time
+    c.sample.microbatch = 5
+    with pytest.raises(schema.ConfigError, match="config.sample.microbatch=5 does not divide"):
+        rollout_chunks(c, devices=8)
+    c.sample.microbatch = 8
+    assert rollout_chunks(c, devices=64) == 1  # a v5e-64 holds 4 per chip: all at once
+    assert loading.frozen_dtype(c) == jnp.float32
+    c.model.dtype = "bfloat16"
+    assert loading.frozen_dtype(c) == jnp.bfloat16
+    c.model.frozen_dtype = "float32"
+    assert loading.frozen_dtype(c) == jnp.float32
+    assert [loading.attention_impl(c, p) for p in ("tpu", "gpu", "cpu")] == [
+        "flash", "cudnn", "xla"]
+    c.model.attention = "flash"
+    with pytest.raises(ValueError, match="config.model.attention: attention 'flash' is a TPU"):
+        loading.attention_impl(c, "cpu")

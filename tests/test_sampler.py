@@ -145,3 +145,56 @@ def test_eight_devices_and_prompt_centred_guidance(policy, sampled):
     scale = max(1.0, float(np.abs(np.asarray(traj.latents)).max()))
     assert np.abs(np.asarray(traj_8.latents - traj.latents)).max() <= 1e-5 * scale
     np.testing.assert_allclose(traj_8.log_probs, traj.log_probs, atol=1e-5)
+
+
+def test_chunked_rollout_gives_the_same_chains(policy, sampled):
+    """``chunks=2`` over 4 devices (2 rows each, one per chunk): the chunks run in turn, yet
+    the chains and log-probs are the unchunked ones (each chunk draws its rows of the full
+    batch's noise), placed as the batch is."""
+    module, params, schedule, contexts = policy
+    x0, traj = sampled
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    x0_c, traj_c = sample(module, jax.device_put(params, NamedSharding(mesh, P())), schedule,
+                          jax.device_put(contexts, batch), CFG(5.0), jax.random.key(1),
+                          latent_shape=LATENT, sharding=batch, chunks=2)
+    assert traj_c.latents.shape == traj.latents.shape and x0_c.sharding.is_equivalent_to(batch, 4)
+    scale = max(1.0, float(np.abs(np.asarray(traj.latents)).max()))
+    assert np.abs(np.asarray(traj_c.latents - traj.latents)).max() <= 1e-5 * scale
+    np.testing.assert_allclose(traj_c.log_probs, traj.log_probs, atol=1e-5)
+    np.testing.assert_allclose(x0_c, x0, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="3 chunks do not divide the batch of 8"):
+        sample(module, params, schedule, contexts, CFG(5.0), jax.random.key(1),
+               latent_shape=LATENT, chunks=3)
+
+
+def test_training_rollout_decodes_in_chunks():
+    """``policy.rollout`` with ``chunks=2`` (``sample.microbatch``) over 4 devices: the text
+    encoder, the chunked DDIM chain and the chunked VAE decoding give the unchunked images,
+    trajectory and contexts."""
+    import importlib.util
+    from pathlib import Path
+
+    from parrot_jax import loading, parallel, policy
+    from parrot_jax.data.prompts import BUILTIN_PROMPTS
+    from parrot_jax.data.tokenizer import build_clip_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tiny_config", root / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config("smoke")
+    length = config.model.tiny.context_length
+    tokenizer = build_clip_tokenizer(loading._clip_corpus(BUILTIN_PROMPTS, 4), length)
+    m = loading._tiny_t2i(config, tokenizer, jnp.float32)
+    ids = np.asarray(tokenizer(list(BUILTIN_PROMPTS[:2]) + [""], padding="max_length",
+                               max_length=length)["input_ids"], np.int32)
+    mesh = parallel.make_mesh({"data": 4}, jax.devices()[:4])
+    out = {}
+    for chunks in (1, 2):
+        out[chunks] = jax.device_get(policy.rollout(
+            m["unet"], m["text_encoder"], m["vae"], 4, m["latent_shape"], 1.0, 0.18215,
+            parallel.batch_sharding(mesh), m["unet_params"], m["text_params"], m["vae_params"],
+            m["schedule"], CFG(5.0), ids[:2], ids[2:], jax.random.key(3), chunks))
+    for a, b in zip(jax.tree.leaves(out[2]), jax.tree.leaves(out[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 round-off

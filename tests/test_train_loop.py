@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from parrot_jax import config as schema
 from parrot_jax.data.promptist import DatasetError
 from parrot_jax.data.prompts import draw_prompts
+from parrot_jax.models import attention
 from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import loop, train_and_evaluate
 from parrot_jax.training.loop import group_prompts
@@ -50,14 +51,20 @@ def _no_timings(records):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke run, recording the matmul precision each iteration was traced under."""
+    """The smoke run, recording the matmul precision each iteration was traced under, and the
+    mesh axes and implementation every self-attention was traced with."""
     workdir = tmp_path_factory.mktemp("smoke")
-    seen = []
+    seen, traced = [], []
     iteration = loop.parrot_iteration
+    attend = attention.attend
 
     def spy(*args, **kwargs):
         seen.append(jax.config.jax_default_matmul_precision)
         return iteration(*args, **kwargs)
+
+    def attend_spy(q, k, v, implementation="xla"):
+        traced.append((jax.sharding.get_abstract_mesh().axis_names, implementation))
+        return attend(q, k, v, implementation)
 
     class Compiles(logging.Handler):
         def __init__(self):
@@ -72,13 +79,15 @@ def smoke(tmp_path_factory):
     logging.getLogger("jax").addHandler(compiles)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "parrot_iteration", spy)
+        patch.setattr(attention, "attend", attend_spy)
         jax.config.update("jax_log_compiles", True)
         try:
             result = train_and_evaluate(tiny_config("smoke"), workdir)
         finally:
             jax.config.update("jax_log_compiles", False)
             logging.getLogger("jax").removeHandler(compiles)
-    return workdir, {**result, "precisions": seen, "compiles": compiles.records}
+    return workdir, {**result, "precisions": seen, "compiles": compiles.records,
+                     "attention": traced}
 
 
 def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
@@ -100,6 +109,13 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
     # configs/tiny.py's matmul_precision, for every iteration and only inside the run.
     assert result["precisions"] == ["highest", "highest"]
     assert jax.config.jax_default_matmul_precision is None
+    # Every program that ran attention (rollout, update, re-scoring, pictures) traced it on
+    # the run's mesh, with model.attention='auto' resolved for the CPU; before them only the
+    # set-up's shape evaluation of the random models traced without one.
+    traced = result["attention"]
+    first = traced.index((("data", "fsdp"), "xla"))
+    assert set(traced[first:]) == {(("data", "fsdp"), "xla")} and len(traced) - first > 10
+    assert set(traced[:first]) <= {((), "xla")}
     assert (workdir / "checkpoints" / "2").is_dir()
     # The T2I step was compiled ahead, in a thread, for exactly the arguments the iterations
     # passed: never in the main thread (at its first call), at most once (none when an

@@ -184,3 +184,22 @@ def test_sample_shape_checked(loaded):
     with pytest.raises(ValueError, match="divisible by 2"):
         module.apply({"params": params}, np.zeros((1, 15, 16, 4), np.float32),
                      np.zeros((1,)), np.zeros((1, 7, 32), np.float32))
+
+
+def test_flash_attention_same_values_and_grads(loaded, plain_grads):
+    """``attention_impl='flash'`` (the Pallas TPU kernel in interpret mode, on the 256-token
+    first level; the 64-token second level takes the XLA form): the loss and parameter
+    gradients of the XLA form (which test_gradients_match_diffusers holds to torch's)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    _, module, params, _ = loaded["sd1"]
+    flash = module.clone(attention_impl="flash")
+    x, t, ctx = _inputs(32)
+    with pltpu.force_tpu_interpret_mode():
+        jaxpr = str(jax.make_jaxpr(flash.apply)({"params": params}, x, t, ctx))
+        v1, g1 = _loss_and_grads(flash, params)
+    assert "pallas_call" in jaxpr
+    v0, g0 = plain_grads
+    np.testing.assert_allclose(v0, v1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

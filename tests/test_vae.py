@@ -105,3 +105,21 @@ def test_no_attention_variant_has_no_attention_params():
     assert "attentions_0" not in params["encoder"]["mid_block"]
     assert "quant_conv" not in params and "post_quant_conv" in params
     assert jnp.ndim(params["encoder"]["conv_out"]["kernel"]) == 4
+
+
+def test_flash_attention_decodes_as_diffusers(loaded):
+    """``attention_impl='flash'`` (Pallas TPU kernel, interpret mode) in the middle blocks'
+    single-head attention: 16 x 16 latents give it 256 tokens. Diffusers' decoding."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    model, module, params = loaded
+    z = np.random.default_rng(2).standard_normal((1, 16, 16, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = nhwc(model.decode(nchw(z)).sample)
+    flash = module.clone(attention_impl="flash")
+    with pltpu.force_tpu_interpret_mode():
+        decode = jax.jit(lambda p, z: flash.apply({"params": p}, z, method=flash.decode))
+        jaxpr = str(jax.make_jaxpr(decode)(params, z))
+        out = decode(params, z)
+    assert "pallas_call" in jaxpr
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)

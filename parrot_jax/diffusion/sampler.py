@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from parrot_jax import parallel
 from parrot_jax.diffusion.ddim import ddim_step, static_value
 from parrot_jax.diffusion.guidance import DenoiseFn, Guidance, guided_model_output
 from parrot_jax.diffusion.schedule import DDIMSchedule
@@ -65,38 +66,60 @@ def policy_step(denoiser: Denoiser, params: Any, schedule: DDIMSchedule, context
 def rollout(denoiser: Denoiser, params: Any, schedule: DDIMSchedule, contexts: jax.Array,
             guidance: Guidance, key: jax.Array, *, latent_shape: tuple[int, int, int],
             eta: float = 1.0, with_log_probs: bool = True,
-            sharding: jax.sharding.Sharding | None = None) -> tuple[jax.Array, Trajectory]:
+            sharding: jax.sharding.Sharding | None = None,
+            chunks: int = 1) -> tuple[jax.Array, Trajectory]:
     """Sample ``x_0`` ``[B, h, w, c]`` from ``x_T ~ N(0, I)`` and return it with its trajectory.
 
     contexts: ``[B, G, L, D]`` (see ``branch_contexts``); latent_shape: ``(h, w, c)``. ``key``
     fixes ``x_T`` and every step's noise. ``sharding`` (e.g. ``NamedSharding(mesh,
     P('data'))``) constrains the latents ``[B, h, w, c]`` inside the loop, keeping the batch
     sharded. ``with_log_probs=False`` (required for ``eta=0``) skips the log-probs.
-    Traceable; ``sample`` is this function jitted.
+    ``chunks`` > 1 runs the batch as that many chunks in turn (``parallel.chunk_rows``: rows
+    ``j, j + chunks, ...``), each a whole S-step chain: the activation memory of one chunk,
+    the same samples (each chunk takes its rows of the full batch's noise). Traceable;
+    ``sample`` is this function jitted.
     """
     batch = contexts.shape[0]
+    if batch % chunks:
+        raise ValueError(f"rollout: {chunks} chunks do not divide the batch of {batch}")
     init_key, steps_key = jax.random.split(key)
     x_T = jax.random.normal(init_key, (batch, *latent_shape), jnp.float32)
     constrain = ((lambda x: x) if sharding is None
                  else functools.partial(jax.lax.with_sharding_constraint, shardings=sharding))
     x_T = constrain(x_T)
     deterministic = static_value(eta) == 0.0  # no noise to draw (and no log-prob: raises)
-
-    def body(x, step):
-        t, step_key = step
-        x_prev, log_prob = policy_step(denoiser, params, schedule, contexts, guidance, x, t,
-                                       eta=eta, key=None if deterministic else step_key,
-                                       with_log_prob=with_log_probs)
-        x_prev = constrain(x_prev)
-        return x_prev, (x_prev, log_prob)
-
     steps = (schedule.timesteps, jax.random.split(steps_key, schedule.num_inference_steps))
-    x_0, (chain, log_probs) = jax.lax.scan(body, x_T, steps)
-    latents = jnp.moveaxis(jnp.concatenate([x_T[None], chain]), 0, 1)
+
+    def chain(j):
+        """Chunk j's S steps: (x_0, latents [S, B/c, ...], log-probs [S, B/c] or None)."""
+        ctx = parallel.chunk_rows(contexts, j, chunks)
+
+        def body(x, step):
+            t, step_key = step
+            noise = None
+            if not deterministic:  # the full batch's draw (as ddim_step's key would), our rows
+                noise = constrain(jax.random.normal(step_key, (batch, *latent_shape)))
+                noise = parallel.chunk_rows(noise, j, chunks)
+            x_prev, log_prob = policy_step(denoiser, params, schedule, ctx, guidance, x, t,
+                                           eta=eta, noise=noise, with_log_prob=with_log_probs)
+            x_prev = constrain(x_prev)
+            return x_prev, (x_prev, log_prob)
+
+        return jax.lax.scan(body, parallel.chunk_rows(x_T, j, chunks), steps)
+
+    if chunks == 1:
+        x_0, (chain_latents, log_probs) = chain(0)  # [S, B, ...], [S, B]
+    else:  # [c, ...] stacks of [B/c, ...], [c, S, B/c, ...], [c, S, B/c]
+        x_0, (chain_latents, log_probs) = jax.lax.map(chain, jnp.arange(chunks))
+        x_0 = constrain(parallel.unchunk_rows(x_0))
+        chain_latents = jax.vmap(parallel.unchunk_rows, 1)(chain_latents)
+        if log_probs is not None:
+            log_probs = jax.vmap(parallel.unchunk_rows, 1)(log_probs)
+    latents = jnp.moveaxis(jnp.concatenate([x_T[None], chain_latents]), 0, 1)
     log_probs = None if log_probs is None else log_probs.T
     return x_0, Trajectory(latents=latents, log_probs=log_probs, timesteps=schedule.timesteps)
 
 
 # The rollout compiled once per (denoiser, shapes, latent_shape, eta, with_log_probs, sharding).
 sample = jax.jit(rollout, static_argnames=("denoiser", "latent_shape", "eta", "with_log_probs",
-                                           "sharding"))
+                                           "sharding", "chunks"))

@@ -2,7 +2,8 @@
 
 Tokens are ``[B, T, D]``; the 2-D wrappers take NHWC maps. Masked attention (CLIP's causal text
 encoder) goes through ``jax.nn.dot_product_attention``; the unmasked attention of the UNet and
-VAE through ``softmax_attention``, the same function with a memory-lean custom gradient.
+VAE through ``attention_ops.attend``: self-attention by the module's ``attention_impl`` ('xla',
+'flash' or 'cudnn', resolved from ``model.attention``), cross-attention always by the XLA form.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax import lax
 
+from parrot_jax.models.attention_ops import attend
 from parrot_jax.models.layers import Dtype, conv
 from parrot_jax.models.norm import GroupNorm
 
@@ -21,13 +22,15 @@ class Attention(nn.Module):
 
     Self-attention when ``context`` is None, else cross-attention to ``context`` ``[B, S, Dc]``.
     ``upcast`` computes scores and softmax in float32 whatever the activation dtype
-    (diffusers' ``upcast_attention``, needed by SD 2.x in half precision).
+    (diffusers' ``upcast_attention``, needed by SD 2.x in half precision). ``attention_impl``
+    computes self-attention ('xla', 'flash', 'cudnn': ``attention_ops``).
     """
 
     heads: int
     head_dim: int
     qkv_bias: bool = False
     upcast: bool = False
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -35,7 +38,9 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         return multi_head_attention(x, x if context is None else context, self.heads,
                                     self.head_dim, qkv_bias=self.qkv_bias, upcast=self.upcast,
-                                    dtype=self.dtype, param_dtype=self.param_dtype)
+                                    dtype=self.dtype, param_dtype=self.param_dtype,
+                                    implementation="xla" if context is not None
+                                    else self.attention_impl)
 
 
 DIFFUSERS_NAMES = ("query", "key", "value", "proj_attn")
@@ -47,89 +52,18 @@ def tokenwise(layer: nn.Module, x: jax.Array) -> jax.Array:
     return layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))
 
 
-def _precision(*operands: jax.Array) -> lax.Precision | None:
-    """``DEFAULT`` for an einsum whose operands are all narrower than float32, else None (the
-    ambient ``jax.default_matmul_precision``, i.e. the config's ``matmul_precision``).
-
-    A float32 contract precision means nothing for bfloat16 operands, and libtpu's fused
-    attention kernel rejects it ("Mosaic failed to compile TPU kernel: Bad lhs type"): SD 1.5's
-    bfloat16 rollout under ``matmul_precision='highest'`` did not compile for TPU without this.
-    """
-    narrow = all(jnp.finfo(t.dtype).bits < 32 for t in operands)
-    return lax.Precision.DEFAULT if narrow else None
-
-
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked ``softmax(q k^T / sqrt(Dh)) v``: q ``[B, T, N, Dh]``, k / v ``[B, S, N, Dh]``.
-
-    The same function as ``jax.nn.dot_product_attention`` without a mask, written for XLA's
-    compilers: scores and softmax in float32, heads-major einsums for the plain forward, and a
-    hand-written backward pass that keeps only the log-sum-exp ``[B, N, T]`` from the forward
-    (not the ``[T, S]`` probabilities) and uses ``rowsum(dP * P) = rowsum(dO * O)``. On a CPU
-    its fwd+bwd of a UNet's 1024-token self-attention (``[2, 1024, 8, 16]``) takes 75 ms, as
-    torch's fused ``scaled_dot_product_attention`` does (more than 2x faster than
-    ``jax.nn.dot_product_attention``), and its residual memory is O(T), not O(T * S), per
-    layer. (The layouts were chosen by measurement: benchmarks/unet.py.)
-    """
-    qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q * q.shape[-1] ** -0.5, k, v))
-    s = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32,
-                   precision=_precision(qh, kh))
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", p, vh, precision=_precision(p, vh)), 1, 2)
-
-
-def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """float32 ``[B, N, T, S]`` scaled scores from q ``[B, T, N, Dh]`` and k ``[B, S, N, Dh]``."""
-    return jnp.einsum("btnh,bsnh->bnts", q * q.shape[-1] ** -0.5, k,
-                      preferred_element_type=jnp.float32, precision=_precision(q, k))
-
-
-def _times_values(p: jax.Array, v: jax.Array) -> jax.Array:
-    """``p [B, N, T, S] @ v [B, S, N, Dh] -> [B, T, N, Dh]`` through heads-major operands: the
-    one layout of this product that XLA:CPU runs at full speed (2.7x the direct einsum)."""
-    out = jnp.einsum("bnts,bnsh->bnth", p, jnp.swapaxes(v, 1, 2), precision=_precision(p, v))
-    return jnp.swapaxes(out, 1, 2)
-
-
-def _attention_forward(q, k, v):
-    s = _scores(q, k)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    out = _times_values(e.astype(v.dtype), v) / jnp.swapaxes(total, 1, 2)
-    out = out.astype(v.dtype)
-    return out, (q, k, v, out, (m + jnp.log(total))[..., 0])
-
-
-def _attention_backward(residuals, d_out):
-    q, k, v, out, lse = residuals
-    p = jnp.exp(_scores(q, k) - lse[..., None])
-    p_v = p.astype(v.dtype)
-    dv = jnp.einsum("bnts,btnh->bsnh", p_v, d_out, precision=_precision(p_v, d_out))
-    dp = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32,
-                    precision=_precision(d_out, v))
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    ds = (p * (dp - jnp.swapaxes(row, 1, 2)[..., None])).astype(q.dtype)
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    dq = _times_values(ds, k) * scale
-    dk = jnp.einsum("bnts,btnh->bsnh", ds, q, precision=_precision(ds, q)) * scale
-    return dq, dk, dv
-
-
-softmax_attention.defvjp(_attention_forward, _attention_backward)
-
-
 def multi_head_attention(x: jax.Array, context: jax.Array, heads: int, head_dim: int, *,
                          qkv_bias: bool, upcast: bool, dtype: Dtype, param_dtype: Dtype,
                          mask: jax.Array | None = None, is_causal: bool = False,
-                         names: tuple[str, str, str, str] = DIFFUSERS_NAMES) -> jax.Array:
+                         names: tuple[str, str, str, str] = DIFFUSERS_NAMES,
+                         implementation: str = "xla") -> jax.Array:
     """Attention whose projections become children of the calling compact module.
 
     x ``[B, T, D]``, context ``[B, S, Dc]`` -> ``[B, T, D]``; ``mask`` boolean, broadcastable to
     ``[B, heads, T, S]``, True where attending is allowed. Called from a compact method so the
     UNet's ``attn1``/``attn2``, the VAE's flat ``attentions_0`` and CLIP's ``self_attn`` own the
     q / k / v / out projections directly, under the checkpoint's ``names`` for them.
+    Unmasked attention runs by ``implementation`` (``attention_ops.attend``).
     """
     inner = heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -142,7 +76,7 @@ def multi_head_attention(x: jax.Array, context: jax.Array, heads: int, head_dim:
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     if mask is None and not is_causal:
-        out = softmax_attention(q, k, v)
+        out = attend(q, k, v, implementation)
     else:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     out = out.reshape(out.shape[:2] + (inner,)).astype(dtype)
@@ -185,6 +119,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     upcast: bool = False
+    attention_impl: str = "xla"  # of the self-attention (attention_ops)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -192,7 +127,7 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = lambda name: Attention(self.heads, self.head_dim, upcast=self.upcast,  # noqa: E731
-                                      name=name, **kw)
+                                      attention_impl=self.attention_impl, name=name, **kw)
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # noqa: E731
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
@@ -212,6 +147,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     use_linear_projection: bool = False
     upcast: bool = False
+    attention_impl: str = "xla"  # of the self-attention (attention_ops)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -231,6 +167,7 @@ class Transformer2DModel(nn.Module):
         y = project(inner, "proj_in")(y).reshape(b, h * w, inner)
         for i in range(self.depth):
             y = BasicTransformerBlock(self.heads, self.head_dim, upcast=self.upcast,
+                                      attention_impl=self.attention_impl,
                                       name=f"transformer_blocks_{i}", **kw)(y, context)
         return x + project(c, "proj_out")(y.reshape(b, h, w, inner))
 
@@ -240,6 +177,7 @@ class SpatialSelfAttention(nn.Module):
 
     groups: int = 32
     eps: float = 1e-6
+    attention_impl: str = "xla"  # attention_ops
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -249,5 +187,6 @@ class SpatialSelfAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = GroupNorm(self.groups, epsilon=self.eps, name="group_norm", **kw)(x)
         y = y.reshape(b, h * w, c)
-        y = multi_head_attention(y, y, 1, c, qkv_bias=True, upcast=True, **kw)
+        y = multi_head_attention(y, y, 1, c, qkv_bias=True, upcast=True,
+                                 implementation=self.attention_impl, **kw)
         return x + y.reshape(b, h, w, c)

@@ -179,10 +179,11 @@ def _remat(cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
 
 
 def _transformer(cfg: UNetConfig, heads: int, channels: int, depth: int, name: str,
-                 kw: dict) -> Transformer2DModel:
+                 kw: dict, attention_impl: str) -> Transformer2DModel:
     """The cross-attention transformer of a block: ``heads`` heads of ``channels // heads``."""
     return Transformer2DModel(heads, channels // heads, depth, cfg.norm_num_groups,
-                              cfg.use_linear_projection, cfg.upcast_attention, name=name, **kw)
+                              cfg.use_linear_projection, cfg.upcast_attention,
+                              attention_impl, name=name, **kw)
 
 
 class DownBlock(nn.Module):
@@ -198,6 +199,7 @@ class DownBlock(nn.Module):
     depth: int
     add_downsample: bool
     cfg: UNetConfig
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -210,7 +212,7 @@ class DownBlock(nn.Module):
                               name=f"resnets_{i}", **kw)(x, temb)
             if self.attention:
                 x = _transformer(cfg, self.heads, x.shape[-1], self.depth, f"attentions_{i}",
-                                 kw)(x, context)
+                                 kw, self.attention_impl)(x, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.features, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -224,6 +226,7 @@ class MidBlock(nn.Module):
     heads: int
     depth: int
     cfg: UNetConfig
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -234,7 +237,8 @@ class MidBlock(nn.Module):
         resnet = lambda i: ResnetBlock2D(c, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,  # noqa: E731
                                          cfg.mid_block_scale_factor, name=f"resnets_{i}", **kw)
         x = resnet(0)(x, temb)
-        x = _transformer(cfg, self.heads, c, self.depth, "attentions_0", kw)(x, context)
+        x = _transformer(cfg, self.heads, c, self.depth, "attentions_0", kw,
+                         self.attention_impl)(x, context)
         return resnet(1)(x, temb)
 
 
@@ -248,6 +252,7 @@ class UpBlock(nn.Module):
     depth: int
     add_upsample: bool
     cfg: UNetConfig
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -260,7 +265,7 @@ class UpBlock(nn.Module):
                               name=f"resnets_{i}", **kw)(x, temb)
             if self.attention:
                 x = _transformer(cfg, self.heads, x.shape[-1], self.depth, f"attentions_{i}",
-                                 kw)(x, context)
+                                 kw, self.attention_impl)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.features, name="upsamplers_0", **kw)(x)
         return x
@@ -271,12 +276,15 @@ class UNet2DConditionModel(nn.Module):
 
     ``remat_policy`` rematerialises each down/mid/up block during backprop: ``None`` (off) or a
     ``jax.checkpoint_policies`` name such as ``'nothing_saveable'`` or ``'dots_saveable'``.
+    ``attention_impl`` computes the self-attention: 'xla', 'flash' or 'cudnn'
+    (``attention_ops``; ``model.attention`` resolved for the platform).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32  # activation dtype; parameters stay param_dtype
     param_dtype: Dtype = jnp.float32
     remat_policy: str | None = None
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array,
@@ -313,13 +321,13 @@ class UNet2DConditionModel(nn.Module):
             x, s = down_cls(cfg.block_out_channels[i], cfg.layers_per_block[i],
                             kind == "CrossAttnDownBlock2D", cfg.num_attention_heads[i],
                             cfg.transformer_layers_per_block[i], i < n - 1, cfg,
-                            name=f"down_blocks_{i}", **kw)(x, temb, context)
+                            self.attention_impl, name=f"down_blocks_{i}", **kw)(x, temb, context)
             skips.extend(s)
 
         if cfg.mid_block_type is not None:
             x = _remat(MidBlock, self.remat_policy)(
                 cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1], cfg,
-                name="mid_block", **kw)(x, temb, context)
+                self.attention_impl, name="mid_block", **kw)(x, temb, context)
 
         up_cls = _remat(UpBlock, self.remat_policy)
         rev = lambda t: tuple(reversed(t))  # noqa: E731
@@ -328,7 +336,8 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = tuple(skips[-num:]), skips[:-num]
             x = up_cls(rev(cfg.block_out_channels)[i], num, kind == "CrossAttnUpBlock2D",
                        rev(cfg.num_attention_heads)[i], rev(cfg.transformer_layers_per_block)[i],
-                       i < n - 1, cfg, name=f"up_blocks_{i}", **kw)(x, block_skips, temb, context)
+                       i < n - 1, cfg, self.attention_impl,
+                       name=f"up_blocks_{i}", **kw)(x, block_skips, temb, context)
 
         x = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x)
         x = activation(cfg.act_fn)(x)

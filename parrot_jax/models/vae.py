@@ -93,6 +93,7 @@ class VAEMidBlock(nn.Module):
     """``resnets_0``, optional single-head ``attentions_0``, ``resnets_1`` (UNetMidBlock2D)."""
 
     cfg: VAEConfig
+    attention_impl: str = "xla"  # attention_ops
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -102,7 +103,8 @@ class VAEMidBlock(nn.Module):
         c = x.shape[-1]
         x = ResnetBlock2D(c, cfg.norm_num_groups, VAE_EPS, cfg.act_fn, name="resnets_0", **kw)(x)
         if cfg.mid_block_add_attention:
-            x = SpatialSelfAttention(cfg.norm_num_groups, VAE_EPS, name="attentions_0", **kw)(x)
+            x = SpatialSelfAttention(cfg.norm_num_groups, VAE_EPS, self.attention_impl,
+                                     name="attentions_0", **kw)(x)
         return ResnetBlock2D(c, cfg.norm_num_groups, VAE_EPS, cfg.act_fn, name="resnets_1", **kw)(x)
 
 
@@ -133,6 +135,7 @@ class Encoder(nn.Module):
     """Images ``[B, H, W, in]`` -> moments ``[B, H/f, W/f, 2 * latent]`` (f = 2^(blocks-1))."""
 
     cfg: VAEConfig
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -144,7 +147,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(cfg.block_out_channels):
             x = VAEBlock(c, cfg.layers_per_block, "down" if i < n - 1 else None, cfg,
                          name=f"down_blocks_{i}", **kw)(x)
-        x = VAEMidBlock(cfg, name="mid_block", **kw)(x)
+        x = VAEMidBlock(cfg, self.attention_impl, name="mid_block", **kw)(x)
         x = GroupNorm(cfg.norm_num_groups, epsilon=VAE_EPS, name="conv_norm_out", **kw)(x)
         return conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(activation(cfg.act_fn)(x))
 
@@ -153,6 +156,7 @@ class Decoder(nn.Module):
     """Latents ``[B, h, w, latent]`` -> images ``[B, h*f, w*f, out]``."""
 
     cfg: VAEConfig
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -161,7 +165,7 @@ class Decoder(nn.Module):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = tuple(reversed(cfg.block_out_channels))
         x = conv(channels[0], 3, name="conv_in", **kw)(z)
-        x = VAEMidBlock(cfg, name="mid_block", **kw)(x)
+        x = VAEMidBlock(cfg, self.attention_impl, name="mid_block", **kw)(x)
         for i, c in enumerate(channels):
             x = VAEBlock(c, cfg.layers_per_block + 1, "up" if i < len(channels) - 1 else None,
                          cfg, name=f"up_blocks_{i}", **kw)(x)
@@ -170,17 +174,19 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder: ``encode`` to a diagonal Gaussian, ``decode`` latents. NHWC."""
+    """KL-regularised autoencoder: ``encode`` to a diagonal Gaussian, ``decode`` latents. NHWC.
+    ``attention_impl``: the middle blocks' self-attention ('xla', 'flash', 'cudnn')."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32  # activation dtype; parameters stay param_dtype
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = self.config
-        self.encoder = Encoder(c, **kw)
-        self.decoder = Decoder(c, **kw)
+        self.encoder = Encoder(c, self.attention_impl, **kw)
+        self.decoder = Decoder(c, self.attention_impl, **kw)
         if c.use_quant_conv:
             self.quant_conv = conv(2 * c.latent_channels, 1, name="quant_conv", **kw)
         if c.use_post_quant_conv:

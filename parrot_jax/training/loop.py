@@ -56,7 +56,7 @@ from parrot_jax.expansion import (
     tokenize_conditioning,
     tokenize_prompts,
 )
-from parrot_jax.loading import load_models
+from parrot_jax.loading import frozen_dtype, load_models, store_as
 from parrot_jax.precision import matmul_precision
 from parrot_jax.rl import AdvantageConfig, compute_advantages, group_advantages
 from parrot_jax.rl.pareto import front_hypervolume
@@ -211,8 +211,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
     settings = Settings.of(config, mesh.size, len(models.rewards.names))
     logging.info("Sizes: %s; %d DDIM steps; %d iterations", settings.sizes.describe(),
                  config.sample.num_steps, config.num_iterations)
-    models.place(parallel.replicated(mesh))
+    models.place(parallel.replicated(mesh), frozen_dtype(config))
     state, frozen = initial_state(settings, models, mesh, config.model.pen)
+    frozen = store_as(frozen, frozen_dtype(config))
     train_step, rescore = train_step_for(models, settings, mesh, state, frozen,
                                          config_dict(config.sample), config.model.pretrained)
     null = models.clip_tokenizer([""], padding="max_length", max_length=models.context_length)
@@ -247,6 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     run, state = setup(config, workdir)
+    with parallel.traced_on(run.mesh):
+        return _train(run, state, workdir)
+
+
+def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
     s = run.settings
     reference = None if s.hypervolume_reference is None else np.asarray(s.hypervolume_reference)
     manager = checkpoint_manager(workdir, s.max_to_keep)

@@ -68,6 +68,7 @@ class Settings:
     max_prompt_length: int  # PEN input tokens
     guidance_scale: float  # CFG weight of training rollouts and updates
     eta: float  # DDIM eta
+    rollout_chunks: int  # the training rollout runs G x N / devices images in this many chunks
     pen_train: bool
     pen_sampling: SamplingConfig
     pen_rl: PENRLConfig
@@ -116,6 +117,7 @@ class Settings:
             identifiers=c.identifiers, expansions_per_prompt=p.expansions_per_prompt,
             max_prompt_length=c.data.max_prompt_length,
             guidance_scale=float(c.sample.guidance_scale), eta=float(c.sample.eta),
+            rollout_chunks=rollout_chunks(c, devices),
             pen_train=p.train,
             pen_sampling=SamplingConfig(max_new_tokens=p.max_new_tokens,
                                         temperature=p.temperature, top_k=p.top_k,
@@ -132,21 +134,35 @@ class Settings:
             final_eval=final_eval(c.final_eval, num_rewards))
 
 
+def rollout_chunks(config: ml_collections.ConfigDict, devices: int = 1) -> int:
+    """How many chunks the training rollout runs its G x N images in (``sample.microbatch``)."""
+    return _chunks(config.num_groups * config.images_per_group // devices,
+                   config.sample.microbatch, "sample.microbatch", "a rollout")
+
+
+def _chunks(per_device: int, micro: int, field: str, what: str) -> int:
+    """``per_device`` images in chunks of ``micro`` (0, or at least ``per_device``: one)."""
+    if not micro or micro >= per_device:
+        return 1
+    if per_device % micro:
+        raise ConfigError(f"config.{field}={micro} does not divide the {per_device} images "
+                          f"of {what} per device")
+    return per_device // micro
+
+
 def t2i_update(config: ml_collections.ConfigDict, devices: int = 1) -> T2IUpdateConfig:
     """``config.t2i`` (and the DDIM eta it re-scores with) as the T2I update's settings, for
     minibatches split over ``devices``."""
     t = config.t2i
     per_device = config.num_groups * config.images_per_group // config.num_minibatches // devices
-    if t.microbatch and per_device % t.microbatch:
-        raise ConfigError(f"config.t2i.microbatch={t.microbatch} does not divide the "
-                          f"{per_device} images of a minibatch per device")
     return T2IUpdateConfig(trainable=t.trainable, learning_rate=t.learning_rate,
                            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                            max_grad_norm=t.max_grad_norm, clip_range=t.clip_range,
                            timestep_fraction=t.timestep_fraction, scan_unroll=t.scan_unroll,
                            remat_policy="nothing_saveable" if t.remat else None,
                            eta=config.sample.eta, adv_clip=None,
-                           microbatches=per_device // t.microbatch if t.microbatch else 1,
+                           microbatches=_chunks(per_device, t.microbatch, "t2i.microbatch",
+                                                "a minibatch"),
                            rescore=t.rescore == "on" or (t.rescore == "auto"
                                                          and config.model.dtype != "float32"))
 

@@ -63,7 +63,7 @@ class Run:
             m.unet, m.text_encoder, m.vae, s.sizes.group_size, m.latent_shape, s.eta,
             m.scaling_factor, parallel.batch_sharding(self.mesh),
             merged_params(state["t2i"]["trainable"], self.frozen), m.text_params, m.vae_params,
-            m.schedule, CFG(s.guidance_scale), cond_ids, self.null_ids, key)
+            m.schedule, CFG(s.guidance_scale), cond_ids, self.null_ids, key, s.rollout_chunks)
 
     def policy(self, state: dict, step: int | None = None, *, base: bool = False) -> Policy:
         """The policy of ``state`` (its T2I weights and PEN LoRA merged in), or with ``base``
@@ -150,7 +150,7 @@ def compile_ahead(run: Run, state: dict) -> None:
 
     def compile_step() -> None:
         try:
-            with jax.default_matmul_precision(precision):
+            with jax.default_matmul_precision(precision), parallel.traced_on(run.mesh):
                 run.train_step.lower(t2i, batch, key).compile()
         except Exception as e:  # noqa: BLE001 (the first call compiles it instead)
             logging.warning("compiling the T2I step ahead failed (%s: %s); it compiles on its "

@@ -166,16 +166,6 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)[:, 0]
 
 
-def _chunk(x: jax.Array, j: jax.Array, chunks: int) -> jax.Array:
-    """Chunk ``j`` of ``x [B, ...]``: rows ``j, j + chunks, ...`` (``[B / chunks, ...]``). Every
-    device's contiguous block of a batch-sharded ``x`` holds its share of each chunk, so taking
-    one moves no data between devices."""
-    if chunks == 1:
-        return x
-    split = x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:])
-    return jax.lax.dynamic_index_in_dim(split, j, axis=1, keepdims=False)
-
-
 def _scan_order(slots: jax.Array, chunks: int) -> tuple[jax.Array, jax.Array]:
     """The update's scan steps: ``(chunk [chunks * n], slots [chunks * n, B / chunks])``, chunk
     by chunk, each chunk's n trained timesteps in turn (``slots [n, B]``)."""
@@ -187,12 +177,12 @@ def _scan_order(slots: jax.Array, chunks: int) -> tuple[jax.Array, jax.Array]:
 
 def _transition(batch: T2IBatch, j: jax.Array, idx: jax.Array, chunks: int) -> dict[str, Any]:
     """Scan step ``(j, idx)``'s inputs: chunk ``j``'s samples at their slots ``idx``."""
-    latents = _chunk(batch.latents, j, chunks)
+    latents = parallel.chunk_rows(batch.latents, j, chunks)
     return dict(x_t=_take(latents, idx), x_prev=_take(latents, idx + 1),
                 timestep=batch.timesteps[idx],
-                old_log_prob=_take(_chunk(batch.log_probs, j, chunks), idx),
-                contexts=_chunk(batch.contexts, j, chunks),
-                advantages=_chunk(batch.advantages, j, chunks))
+                old_log_prob=_take(parallel.chunk_rows(batch.log_probs, j, chunks), idx),
+                contexts=parallel.chunk_rows(batch.contexts, j, chunks),
+                advantages=parallel.chunk_rows(batch.advantages, j, chunks))
 
 
 def accumulate_gradients(denoiser: Any, schedule: DDIMSchedule, guidance: Guidance,
