@@ -255,9 +255,11 @@ class RewardBackbone:
 PARROT_BACKBONES = ((CLIP_VIT_L14, False), (PICKSCORE, True), (CLIP_VIT_B32, True))
 
 
-def abstract_rewards(config: ml_collections.ConfigDict) -> tuple[RewardBackbone, ...] | None:
-    """The backbones of ``config.model.rewards`` ('parrot' or 'tiny'); None for other reward
-    sets, which the planner does not build."""
+def abstract_rewards(config: ml_collections.ConfigDict,
+                     text_encoder: CLIPTextModel) -> tuple[RewardBackbone, ...] | None:
+    """The backbones of ``config.model.rewards`` ('parrot' or 'tiny': the tiny text encoder's
+    tokenizer, as ``loading`` builds it); None for other reward sets, which the planner does
+    not build."""
     dtype = loading._dtype(config.model.dtype)
     name = config.model.rewards
     if name == "parrot":
@@ -269,7 +271,8 @@ def abstract_rewards(config: ml_collections.ConfigDict) -> tuple[RewardBackbone,
     if name == "tiny":
         t = config.model.tiny
         size = t.latent_size * 2 ** (len(t.vae.block_out_channels) - 1)
-        text = CLIPTextConfig(vocab_size=1000, max_position_embeddings=t.context_length,
+        text = CLIPTextConfig(vocab_size=text_encoder.config.vocab_size,
+                              max_position_embeddings=t.context_length,
                               projection_dim=t.projection_dim, **t.text.to_dict())
         clip = CLIPModel(CLIPConfig(text=text, vision=CLIPVisionConfig(
             image_size=size, projection_dim=t.projection_dim, **t.vision.to_dict()),
@@ -473,7 +476,7 @@ def _plan(config: ml_collections.ConfigDict, mesh: Any, chip: ChipSpec, topology
     pen_params = _placed(jax.eval_shape(m.pen.init_params, key0), rep)
     lora = _placed(jax.eval_shape(lambda p: init_pen_lora(key0, p, pen_rl), pen_params), rep)
     pen_opt = _placed(jax.eval_shape(pen_rl_optimizer(pen_rl).init, lora.factors), rep)
-    backbones = abstract_rewards(config)
+    backbones = abstract_rewards(config, m.text_encoder)
     reward_params = () if backbones is None else tuple(
         _placed(jax.eval_shape(lambda k, b=b: stored(b.module.init_params(k)), key0), rep)
         for b in backbones)
@@ -686,8 +689,7 @@ def max_images_per_chip(config: ml_collections.ConfigDict, devices: Sequence[Any
     """The most images per chip the rollout and the update can process at once
     (``sample.microbatch`` = ``t2i.microbatch`` = b, b a power of two dividing the per-chip
     minibatch) with every phase fitting; 0 when even 1 does not. Bisection over the powers."""
-    per_chip = (config.num_groups * config.images_per_group // config.num_minibatches
-                // len(devices))
+    per_chip = Settings.of(config, len(devices), num_rewards=4).sizes.minibatch // len(devices)
     candidates = [b for b in (2 ** i for i in range(per_chip.bit_length())) if per_chip % b == 0]
     lo, hi, best = 0, len(candidates) - 1, 0
     while lo <= hi:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from parrot_jax.parallel import BATCH_AXES
+from parrot_jax.parallel import batch_axes
 
 IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn")
 _BY_PLATFORM = {"tpu": "flash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "cpu": "xla"}
@@ -78,8 +78,7 @@ def _over_batch(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     axes (``parallel.traced_on``); replicated when the batch does not split over them; else
     directly."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in BATCH_AXES
-                                       if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = () if mesh.empty else tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
     if not axes:
         return fn(q, k, v)
     spec = P(axes) if q.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0 else P()
