@@ -4,7 +4,8 @@ The default config is ``configs/toy.py``: Parrot in the toy world shipped with t
 (its own small UNet, VAE, CLIP, PEN and reward heads), nothing downloaded, minutes on a CPU,
 ending with a base-vs-trained table on held-out prompts. ``--config.a.b=value`` overrides a
 field (``python -m parrot_jax.config`` lists them). Resuming is automatic: rerun with the same
-``--workdir``. Multi-host (every worker of a TPU pod slice): ``--config.distributed=True``.
+``--workdir``. Several processes (every worker of a TPU pod slice, or any launch with
+``--coordinator_address --num_processes --process_id``): ``--config.distributed=True``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _define(values: flags.FlagValues, argv: list[str]) -> None:
                       "so XLA:CPU's per-step temporaries stop costing page faults: 10-15% faster "
                       "CPU steps. On accelerators it only touches host-side allocations; "
                       "--noretain_host_memory keeps glibc's defaults.", flag_values=values)
+    cli.define_distributed_flags(values)
 
 
 def _quiet_orbax(record) -> bool:
@@ -62,11 +64,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         schema.check(config)
     except schema.ConfigError as e:
         cli.fail(PROG, str(e))
-    parallel.initialize_distributed(config.distributed)  # before anything touches the devices
+    launch = cli.distributed_launch(PROG, args, config.distributed)
+    try:  # before anything touches the devices
+        parallel.initialize_distributed(config.distributed, **launch)
+    except parallel.LaunchError as e:
+        cli.fail(PROG, f"--coordinator_address: {e}")
     import jax
 
     from parrot_jax.training import train_and_evaluate
 
+    if jax.process_count() > 1 and not args.workdir:
+        cli.fail(PROG, f"--workdir is required with {jax.process_count()} processes (each would "
+                       "pick its own runs/<date-time>); give every process the same one")
     workdir = args.workdir or str(ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     logging.info("JAX process %d of %d, %d local devices; workdir %s", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), workdir)

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown pen_sft variant {arg!r}: default, full, tfds or tiny")
     c = ml_collections.ConfigDict()
     c.seed = 0  # PRNG seed: tiny-model init, LoRA init, held-out draw, data shuffle
+    c.distributed = False  # call jax.distributed.initialize() first (several processes)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "google/flan-t5-base"  # transformers T5 folder or hub id; 'tiny': random T5

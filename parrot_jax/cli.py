@@ -68,3 +68,56 @@ def define_policy_flags(values: flags.FlagValues) -> None:
                          flag_values=values)
     flags.DEFINE_bool("base", False, "the untrained models (with --step: not allowed)",
                       flag_values=values)
+
+
+def define_distributed_flags(values: flags.FlagValues) -> None:
+    """The flags of the tools that can run as several processes (``train.py``, PEN SFT), used
+    with ``--config.distributed=True``. Without them ``jax.distributed.initialize()`` finds the
+    processes itself (Cloud TPU slices, SLURM); with them, any launch works: several processes
+    on one machine, or plain VMs."""
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT where process 0 serves the "
+                        "JAX coordinator; every process passes the same (needs "
+                        "--num_processes and --process_id)", flag_values=values)
+    flags.DEFINE_integer("num_processes", None, "how many processes the run has",
+                         flag_values=values)
+    flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1 "
+                         "(0 writes the logs)", flag_values=values)
+    flags.DEFINE_integer("initialization_timeout", 300, "seconds to wait for the coordinator "
+                         "and every process to join before failing", flag_values=values)
+    flags.DEFINE_integer("heartbeat_timeout", 100, "seconds of silence after which a process "
+                         "counts as dead and the others stop with an error naming it",
+                         flag_values=values)
+
+
+LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def distributed_launch(prog: str, values: flags.FlagValues, enabled: bool) -> dict[str, Any]:
+    """``parallel.initialize_distributed``'s keyword arguments from the flags above; a bad
+    combination fails (``fail``) naming the flag."""
+    given = [name for name in LAUNCH_FLAGS if values[name].value is not None]
+    if not enabled:
+        if given:
+            fail(prog, f"--{given[0]} needs --config.distributed=True")
+        return {}
+    if given and len(given) < len(LAUNCH_FLAGS):
+        missing = [name for name in LAUNCH_FLAGS if name not in given]
+        fail(prog, f"--{given[0]} needs --{' and --'.join(missing)} "
+                   "(--coordinator_address, --num_processes and --process_id go together)")
+    for name in ("initialization_timeout", "heartbeat_timeout"):
+        if values[name].value <= 0:
+            fail(prog, f"--{name}={values[name].value}: seconds, > 0")
+    launch = {"initialization_timeout": values.initialization_timeout,
+              "heartbeat_timeout": values.heartbeat_timeout}
+    if not given:
+        return launch
+    address, n, i = values.coordinator_address, values.num_processes, values.process_id
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(prog, f"--coordinator_address={address}: expected HOST:PORT, e.g. 10.0.0.2:8476")
+    if n < 1:
+        fail(prog, f"--num_processes={n}: at least 1")
+    if not 0 <= i < n:
+        fail(prog, f"--process_id={i} is out of range for --num_processes={n} (0 .. {n - 1})")
+    return {**launch, "coordinator_address": address, "num_processes": n, "process_id": i}
+

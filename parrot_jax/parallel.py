@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,6 +79,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (equal on every process) as arrays replicated over ``mesh``. Unlike
+    ``jax.device_put`` it also takes typed PRNG keys when ``mesh`` spans several processes
+    (jax refuses to place a key array on devices other processes own)."""
+    sharding = replicated(mesh)
+
+    def put(x: Any) -> Any:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp: int, path: str) -> P:
@@ -180,8 +197,54 @@ def put_batch(batch: Any, mesh: Mesh, shardings: Any = None) -> Any:
     return jax.tree.map(put, batch, shardings)
 
 
-def initialize_distributed(enabled: bool, **kwargs: Any) -> None:
-    """``jax.distributed.initialize(**kwargs)`` when ``enabled`` (multi-host runs: every worker
-    of a TPU pod slice; on Cloud TPU the coordinator is discovered automatically)."""
-    if enabled:
-        jax.distributed.initialize(**kwargs)
+class LaunchError(RuntimeError):
+    """The processes of a run cannot meet: the message names the coordinator address."""
+
+
+def initialize_distributed(enabled: bool, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           initialization_timeout: int = 300,
+                           heartbeat_timeout: int = 100) -> None:
+    """``jax.distributed.initialize`` when ``enabled``: every process of a multi-process run
+    calls it before touching a device. Without an address, JAX discovers the processes (Cloud
+    TPU slices, SLURM). CPU devices exchange collectives over gloo, so several processes run on
+    any machine. With an address, a process other than 0 first waits for the coordinator to
+    listen (at most ``initialization_timeout`` s) and process 0 checks it can listen there:
+    ``LaunchError`` rather than JAX's abort of the process. A process silent for
+    ``heartbeat_timeout`` s makes the others stop with an error naming its task number."""
+    if not enabled:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if process_id == 0:
+            _check_can_listen(coordinator_address, int(port))
+        else:
+            _wait_for_listener(coordinator_address, host.strip("[]"), int(port),
+                               initialization_timeout)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def _check_can_listen(address: str, port: int) -> None:
+    with socket.socket(socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            raise LaunchError(f"coordinator {address}: process 0 cannot listen on port {port} "
+                              f"({e.strerror}); is another run using it?") from e
+
+
+def _wait_for_listener(address: str, host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, timeout)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise LaunchError(f"coordinator {address}: nothing answered within {timeout:g} "
+                                  f"s ({e.strerror or e}); is process 0 running there?") from e
+            time.sleep(0.5)

@@ -31,7 +31,9 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -345,12 +347,18 @@ class ProgramStats:
 def _compile(name: str, phase: str, lowered: Any) -> tuple[Any, ProgramStats]:
     """``(compiled or None, stats)``: the TPU compiler's out-of-memory refusal becomes a
     finding of the plan; any other failure is raised."""
+    start = time.monotonic()
     try:
         compiled = lowered.compile()
     except Exception as e:  # JaxRuntimeError: RESOURCE_EXHAUSTED, "Ran out of memory ..."
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return None, ProgramStats(name, phase, error=str(e).split("\n")[0])
+    finally:
+        # Progress on stderr: a paper-scale program takes minutes to compile on a laptop.
+        print(f"plan: {name} compiled in {time.monotonic() - start:.0f} s (host peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.1f} GiB)",
+              file=sys.stderr, flush=True)
     return compiled, ProgramStats.of(name, phase, compiled)
 
 
@@ -502,10 +510,12 @@ def _plan(config: ml_collections.ConfigDict, mesh: Any, chip: ChipSpec, topology
     rollout_out = jax.eval_shape(policy.rollout, *rollout_args)
     images, traj, contexts = rollout_out
     # The trajectory, contexts and images of the iteration, placed as the rollout leaves them
-    # (as the rollout is asked to leave them when it could not be compiled).
+    # (as the rollout is asked to leave them when it could not be compiled). Each compiled
+    # program is dropped once measured: the host holds one at a time.
     held = _abstract(rollout_out, rollout.output_shardings if rollout is not None else
                      jax.tree.map(lambda x: data if x.ndim and x.shape[0] == sizes.batch
                                   else rep, rollout_out))
+    del rollout
     programs = [r]
 
     # The reward models on the iteration's images (RewardSet's jitted apply).
@@ -744,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     if args.max_images_per_chip else None)
         except (schema.ConfigError, ValueError) as e:
             cli.fail(PROG, f"--topology {topology}: {e}")
+        jax.clear_caches()  # the traced programs of one topology are no use to the next
         fits = fits and result.fits
         if len(args.topology) == 1:
             print(report(result))

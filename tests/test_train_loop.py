@@ -111,10 +111,11 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
     assert jax.config.jax_default_matmul_precision is None
     # Every program that ran attention (rollout, update, re-scoring, pictures) traced it on
     # the run's mesh, with model.attention='auto' resolved for the CPU; before them only the
-    # set-up's shape evaluation of the random models traced without one.
+    # set-up's shape evaluation of the random models traced without one. How many programs
+    # trace here depends on what earlier tests in this process left in jax's caches.
     traced = result["attention"]
     first = traced.index((("data", "fsdp"), "xla"))
-    assert set(traced[first:]) == {(("data", "fsdp"), "xla")} and len(traced) - first > 10
+    assert set(traced[first:]) == {(("data", "fsdp"), "xla")}
     assert set(traced[:first]) <= {((), "xla")}
     assert (workdir / "checkpoints" / "2").is_dir()
     # The T2I step was compiled ahead, in a thread, for exactly the arguments the iterations

@@ -437,19 +437,28 @@ def _define(values: Any, argv: list[str]) -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    from parrot_jax import cli
+
     config_flags.DEFINE_config_file("config", None, "SFT config file (path.py[:arg])",
                                     flag_values=values, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints and metrics go", flag_values=values)
+    cli.define_distributed_flags(values)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``python -m parrot_jax.training.pen_sft --config configs/pen_sft.py[:arg] --workdir W``
     (``parrot_jax.cli`` flags)."""
-    from parrot_jax import cli
+    from parrot_jax import cli, parallel
 
     args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     if args.config is None or not args.workdir:
         cli.fail(PROG, "--config and --workdir are required")
+    distributed = bool(args.config.get("distributed", False))
+    launch = cli.distributed_launch(PROG, args, distributed)
+    try:  # before anything touches the devices
+        parallel.initialize_distributed(distributed, **launch)
+    except parallel.LaunchError as e:
+        cli.fail(PROG, f"--coordinator_address: {e}")
     return train_and_evaluate(args.config, args.workdir)
 
 

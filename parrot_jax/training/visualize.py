@@ -148,9 +148,8 @@ def eval_images(run: Any, state: dict) -> tuple[np.ndarray, list[str]]:
     uninterrupted one does."""
     s, m, sizes = run.settings, run.models, run.settings.sizes
     # Placed as the training keys are, so the training compilations are reused.
-    k_pen, k_roll = jax.device_put(
-        jax.random.split(jax.random.fold_in(jax.random.key(s.seed), EVAL_KEY)),
-        parallel.replicated(run.mesh))
+    k_pen, k_roll = parallel.replicate(
+        jax.random.split(jax.random.fold_in(jax.random.key(s.seed), EVAL_KEY)), run.mesh)
     prompts = [s.eval_prompts[g % len(s.eval_prompts)] for g in range(sizes.groups)]
     ids, mask = tokenize_prompts(m.pen_tokenizer, prompts, s.max_prompt_length)
     expansion = policy.expand_tokens(m.pen, s.pen_sampling, m.pen_params, state["pen"]["lora"],
