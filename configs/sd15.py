@@ -13,22 +13,45 @@ supervised-fine-tuned PEN (``configs/pen_sft.py``, then ``python -m parrot_jax.e
 the plain FLAN-T5 default is a placeholder that at least speaks English. Set
 ``--config.data.prompts`` to Promptist's RL prompt file. Batch sizes are GLOBAL; each T2I
 minibatch (64 images) must divide by the device count.
-Variants: the paper's comparisons (``weighted_sum``, ``single``, ``t2i_only``, ``pen_only``,
-``no_pareto``), comma-separated.
+Variants, comma-separated: the paper's comparisons (``weighted_sum``, ``single``,
+``t2i_only``, ``pen_only``, ``no_pareto``), and
+  random   every model at its real size (SD 1.5, FLAN-T5-base, the reward CLIPs ViT-L/14,
+           ViT-H/14, ViT-B/32) with random weights and stand-in tokenizers: nothing downloaded.
+  cpu      the same models, little work: 128-px images, 4 DDIM steps, 2 groups x 2 images, 1
+           minibatch, 2 iterations, a final evaluation of 2 prompts. ``random,cpu`` runs on a
+           laptop CPU (one device: do not force several) in tens of minutes.
 """
+
+from pathlib import Path
 
 import ml_collections
 
 from parrot_jax import config as schema
 
+HELDOUT_CPU = Path(__file__).resolve().parent / "heldout_cpu.txt"  # 2 prompts for :cpu
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    parts = schema.variants(arg, tuple(schema.PRESETS), "configs/sd15.py")
+    parts = schema.variants(arg, ("random", "cpu", *schema.PRESETS), "configs/sd15.py")
     c = schema.defaults()
     c.model.dtype = "bfloat16"  # activations (params stay float32; frozen ones bfloat16)
     # Images per chip at once: on a v5e-8 the rollout then peaks at 55% of HBM, the update at
     # 57% (python -m parrot_jax.plan; docs/tpu_plan.md). Same results as all at once.
     c.sample.microbatch = 8
     c.t2i.microbatch = 2
+    if "random" in parts:
+        c.model.random_weights = True
+    if "cpu" in parts:
+        c.model.resolution = 128  # 16 x 16 latents
+        c.sample.num_steps = 4
+        c.num_groups = 2
+        c.images_per_group = 2
+        c.num_minibatches = 1
+        c.num_iterations = 2
+        c.checkpoint_every = 1
+        c.eval_every = 2
+        c.eval_prompts = ("a cat", "a lighthouse by the sea")
+        c.final_eval.prompts = str(HELDOUT_CPU)
+        c.final_eval.num_images = 2
     schema.apply_presets(c, parts)
     return c

@@ -8,6 +8,8 @@ checks them against the reference libraries' parameter counts.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 # <pipeline>/unet/config.json, vae/config.json, text_encoder/config.json and
@@ -80,3 +82,52 @@ CLIP_MODELS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-base-patch32": _clip(_tower(512, 12, 8), _tower(768, 12, 12, patch_size=32),
                                           512, "quick_gelu"),
 }
+
+
+# --- lookups: a folder's own file first, then these copies, then the hub's file --------------
+
+def _read_json(path: Path, field: str, source: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config.{field}={source!r}: no {path}")
+    return json.loads(path.read_text())
+
+
+def _from_hub(source: str, subfolder: str | None, filename: str | None = None) -> dict[str, Any]:
+    from parrot_jax import hub  # downloads one small json file, for an id not covered here
+
+    if filename is None:
+        return hub.read_config(hub.ModelSource(source, subfolder, None))[0]
+    return json.loads(hub.ModelSource(source, subfolder, None).require(filename).read_text())
+
+
+def pipeline_component(root: str, name: str, field: str = "model.pretrained") -> dict[str, Any]:
+    """``<root>/<name>/config.json`` of a diffusers pipeline (``name``: unet, vae,
+    text_encoder; 'scheduler' reads scheduler_config.json)."""
+    filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+    folder = Path(root).expanduser()
+    if folder.exists():
+        return _read_json(folder / name / filename, field, root)
+    if root in PIPELINES:
+        return PIPELINES[root][name]
+    return _from_hub(root, name, filename if name == "scheduler" else None)
+
+
+def t5_config(source: str, field: str = "model.pen") -> dict[str, Any]:
+    """config.json of a T5 folder or hub id."""
+    folder = Path(source).expanduser()
+    if folder.exists():
+        return _read_json(folder / "config.json", field, source)
+    if source in T5_MODELS:
+        return T5_MODELS[source]
+    return _from_hub(source, None)
+
+
+def clip_config(source: str, field: str = "model.rewards") -> dict[str, Any]:
+    """config.json of a CLIPModel folder or hub id."""
+    folder = Path(source).expanduser()
+    if folder.exists():
+        return _read_json(folder / "config.json", field, source)
+    if source in CLIP_MODELS:
+        return CLIP_MODELS[source]
+    return _from_hub(source, None)
+

@@ -187,6 +187,15 @@ FIELDS: tuple[Field, ...] = (
           "multiples of 128), 'cudnn' (fused, bfloat16 on NVIDIA GPUs), or 'auto': flash on "
           "TPU, cudnn on GPU, xla on CPU (docs/method.md, numerics)",
           one_of("auto", "xla", "flash", "cudnn"), resumable=True, absent="xla"),
+    Field("model.random_weights", False, "build model.pretrained, model.pen and model.rewards "
+          "('parrot') at their real architectures (parrot_jax.architectures, or a folder's "
+          "config.json files) with random weights from seed, and stand-in tokenizers built "
+          "from the prompts, padded to their vocabulary sizes, at their context lengths: a "
+          "full-size run with nothing downloaded (configs/sd15.py:random)", boolean,
+          absent=False),
+    Field("model.resolution", 0, "image side in pixels (a multiple of the VAE's downsampling "
+          "times 8); 0: the UNet's sample_size times the VAE's downsampling (512 for SD 1.5)",
+          non_negative_int, absent=0),
     Field("model.tiny.", TINY_MODELS, "shapes of the random models 'tiny' builds (UNet, VAE, "
           "CLIP towers, T5: diffusers / transformers kwargs)"),
     # --- data --------------------------------------------------------------------------------

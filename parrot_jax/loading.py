@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from parrot_jax import hub, parallel, plugins
-from parrot_jax.data.tokenizer import build_clip_tokenizer, train_t5_tokenizer
+from parrot_jax import architectures, hub, parallel, plugins
+from parrot_jax.data.tokenizer import build_clip_tokenizer, pad_vocabulary, train_t5_tokenizer
 from parrot_jax.diffusion import DDIMSchedule
 from parrot_jax.expansion.identifiers import reward_identifier
 from parrot_jax.expansion.template import InstructionTemplate
@@ -48,6 +48,9 @@ from parrot_jax.rewards import (
     RewardSet,
     Sentiment,
 )
+from parrot_jax.rewards.aesthetic import LAION_AESTHETIC_DIMS
+from parrot_jax.rewards.clip_heads import SENTIMENT_DESCRIPTIONS
+from parrot_jax.rewards.configs import CLIP_VIT_B32, CLIP_VIT_L14, PICKSCORE
 
 TOKENIZER_DIR = "tokenizers"
 
@@ -112,6 +115,21 @@ def store_as(tree: Any, dtype: Any) -> Any:
     """``tree`` with its floating-point leaves in ``dtype`` (placement kept)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                         else x, tree)
+
+
+def latent_shape(config: ml_collections.ConfigDict, unet: UNet2DConditionModel,
+                 vae: AutoencoderKL, side: int) -> tuple[int, int, int]:
+    """``(h, w, c)`` of the UNet's input: ``side`` (the model's own latent side), or
+    ``config.model.resolution`` pixels through the VAE's downsampling."""
+    if not config.model.resolution:
+        return side, side, unet.config.in_channels
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor * 2 ** (len(unet.config.down_block_types) - 1)
+    if config.model.resolution % factor:
+        raise ValueError(f"config.model.resolution={config.model.resolution} must be a multiple "
+                         f"of {factor} (the VAE's and the UNet's downsampling)")
+    side = config.model.resolution // vae_factor
+    return side, side, unet.config.in_channels
 
 
 def attention_impl(config: ml_collections.ConfigDict, platform: str) -> str:
@@ -226,6 +244,66 @@ def _tiny_pen(config: ml_collections.ConfigDict, tokenizer: Any, dtype: Any) -> 
     return module, random_params(module, config.seed + 6)
 
 
+# --- full-size random models ----------------------------------------------------------------
+
+def _random_t2i(config: ml_collections.ConfigDict, tokenizers: Path, corpus: list[str],
+                dtype: Any) -> tuple[dict[str, Any], Any]:
+    """model.pretrained's UNet, VAE, text encoder and schedule at their architectures with
+    random weights, and a stand-in CLIP tokenizer of the text encoder's vocabulary and context
+    (``model.random_weights``)."""
+    root = check_source("model.pretrained", config.model.pretrained)
+    text_cfg = CLIPTextConfig.from_transformers(
+        architectures.pipeline_component(root, "text_encoder"), root)
+    tokenizer = _saved_tokenizer(tokenizers / "clip", lambda: pad_vocabulary(
+        build_clip_tokenizer(corpus, text_cfg.max_position_embeddings), text_cfg.vocab_size))
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(
+        architectures.pipeline_component(root, "unet"), root), dtype=dtype)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(
+        architectures.pipeline_component(root, "vae"), root), dtype=dtype)
+    text_encoder = CLIPTextModel(text_cfg, dtype=dtype)
+    schedule = DDIMSchedule.from_config(architectures.pipeline_component(root, "scheduler"),
+                                        config.sample.num_steps, f"{root} scheduler")
+    side = unet.config.sample_size
+    return dict(unet=unet, unet_params=random_params(unet, config.seed + 1),
+                vae=vae, vae_params=random_params(vae, config.seed + 2),
+                text_encoder=text_encoder, text_params=random_params(text_encoder, config.seed + 3),
+                schedule=schedule, latent_shape=(side, side, unet.config.in_channels)), tokenizer
+
+
+def _random_pen(config: ml_collections.ConfigDict, tokenizers: Path, corpus: list[str],
+                dtype: Any) -> tuple[Any, Any, Any]:
+    """``(module, params, tokenizer)``: model.pen's T5 at its architecture, random, with a
+    stand-in tokenizer of its vocabulary size (T5's ids: pad 0, EOS 1)."""
+    source = check_source("model.pen", config.model.pen)
+    t5 = T5Config.from_transformers(architectures.t5_config(source), source)
+    tokenizer = _saved_tokenizer(tokenizers / "pen", lambda: pad_vocabulary(
+        train_t5_tokenizer(corpus, t5.vocab_size), t5.vocab_size))
+    module = T5ForConditionalGeneration(t5, dtype=dtype)
+    return module, random_params(module, config.seed + 6), tokenizer
+
+
+def _random_rewards(config: ml_collections.ConfigDict, tokenizer: Any, sharding: Any,
+                    ) -> RewardSet:
+    """The paper's reward set ('parrot') on random backbones of its CLIP architectures (224-px
+    CLIP preprocessing; texts through the T2I stand-in tokenizer, CLIP's vocabulary)."""
+    if config.model.rewards != "parrot":
+        raise ValueError(f"config.model.rewards={config.model.rewards!r}: "
+                         "model.random_weights builds 'parrot' or 'tiny' only")
+    dtype = _dtype(config.model.dtype)
+
+    def backbone(source: str, seed: int) -> ClipBackbone:
+        clip = CLIPModel(CLIPConfig.from_transformers(architectures.clip_config(source), source),
+                         dtype=dtype)
+        return ClipBackbone(source.split("/")[-1], clip, random_params(clip, seed),
+                            ImageProcessorConfig.square(224), tokenizer)
+
+    large = backbone(CLIP_VIT_L14, config.seed + 7)
+    heads = [Aesthetic(large, _aesthetic_layers(LAION_AESTHETIC_DIMS, config.seed + 5)),
+             PickScore(backbone(PICKSCORE, config.seed + 8)),
+             ClipScore(backbone(CLIP_VIT_B32, config.seed + 9)), Sentiment.zero_shot(large)]
+    return RewardSet(heads, sharding=sharding)
+
+
 # --- the bundle ------------------------------------------------------------------------------
 
 def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh: Mesh,
@@ -245,6 +323,12 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
         clip_tokenizer = _saved_tokenizer(tokenizers / "clip", lambda: build_clip_tokenizer(
             _clip_corpus(prompts, num_rewards), m.tiny.context_length))
         t2i = _tiny_t2i(config, clip_tokenizer, dtype)
+    elif m.random_weights:
+        t2i, clip_tokenizer = _random_t2i(config, tokenizers,
+                                          _clip_corpus(prompts, num_rewards) + [
+                                              t for texts in SENTIMENT_DESCRIPTIONS.values()
+                                              for t in texts],
+                                          dtype)
     else:
         root = check_source("model.pretrained", m.pretrained)
         field = "model.pretrained"
@@ -264,11 +348,13 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
                    text_encoder=text_encoder, text_params=text_params, schedule=schedule,
                    latent_shape=(side, side, unet.config.in_channels))
 
+    template_corpus = [template.format(p) for p in prompts] + list(prompts) + list(MODIFIERS)
     if m.pen == "tiny":
-        template_corpus = [template.format(p) for p in prompts] + list(prompts) + list(MODIFIERS)
         pen_tokenizer = _saved_tokenizer(tokenizers / "pen", lambda: train_t5_tokenizer(
             template_corpus, m.tiny.t5_vocab_size))
         pen, pen_params = _tiny_pen(config, pen_tokenizer, dtype)
+    elif m.random_weights:
+        pen, pen_params, pen_tokenizer = _random_pen(config, tokenizers, template_corpus, dtype)
     else:
         source = check_source("model.pen", m.pen)
         pen, pen_params = _loading("model.pen", source, hub.load_t5, source, dtype=dtype)
@@ -276,16 +362,24 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
         pen_tokenizer = _loading("model.pen_tokenizer", tok_source, hub.load_tokenizer,
                                  tok_source)
 
+    t2i["latent_shape"] = latent_shape(config, t2i["unet"], t2i["vae"], t2i["latent_shape"][0])
     impl = attention_impl(config, jax.default_backend())
     t2i["unet"] = t2i["unet"].clone(attention_impl=impl)
     t2i["vae"] = t2i["vae"].clone(attention_impl=impl)
     vae_factor = 2 ** (len(t2i["vae"].config.block_out_channels) - 1)
     if m.rewards == "tiny":
-        if clip_tokenizer is None or m.pretrained != "tiny":
+        if m.pretrained != "tiny" and not m.random_weights:
             raise ValueError("config.model.rewards='tiny' needs config.model.pretrained='tiny' "
-                             "(its tokenizer); use 'parrot' with real models")
+                             "or model.random_weights (a stand-in tokenizer); use 'parrot' "
+                             "with real models")
+        if clip_tokenizer.model_max_length != m.tiny.context_length:
+            raise ValueError(f"config.model.rewards='tiny' reads {m.tiny.context_length} tokens "
+                             f"(model.tiny.context_length); the text encoder's tokenizer gives "
+                             f"{clip_tokenizer.model_max_length}")
         rewards = _tiny_rewards(config, clip_tokenizer, t2i["latent_shape"][0] * vae_factor,
                                 sharding)
+    elif m.random_weights:
+        rewards = _random_rewards(config, clip_tokenizer, sharding)
     else:
         rewards = _loading("model.rewards", m.rewards, plugins.reward_set, m.rewards,
                            sharding=sharding, dtype=m.dtype)

@@ -28,14 +28,12 @@ chips' interconnect. Needs ``jax[tpu]`` (libtpu): ``pip install 'parrot-jax[tpu]
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import resource
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,7 +42,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from parrot_jax import architectures, cli, hub, loading, parallel, policy
+from parrot_jax import architectures, cli, loading, parallel, policy
 from parrot_jax import config as schema
 from parrot_jax.data.prompts import BUILTIN_PROMPTS
 from parrot_jax.data.tokenizer import build_clip_tokenizer, train_t5_tokenizer
@@ -147,38 +145,6 @@ class AbstractModels:
         return self.text_encoder.config.max_position_embeddings
 
 
-def _read_json(path: Path, field: str, root: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config.{field}={root!r}: no {path}")
-    return json.loads(path.read_text())
-
-
-def _component(root: str, name: str, field: str) -> dict[str, Any]:
-    """``<root>/<name>/config.json``: a folder's own file, a known hub id's copy from
-    ``architectures``, or the file from the hub."""
-    folder = Path(root).expanduser()
-    if folder.exists():
-        return _read_json(folder / name / "config.json", field, root)
-    if root in architectures.PIPELINES:
-        return architectures.PIPELINES[root][name]
-    return hub.read_config(hub.ModelSource(root, name, None))[0]
-
-
-def _schedule(root: str, steps: int) -> DDIMSchedule:
-    if not Path(root).expanduser().exists() and root in architectures.PIPELINES:
-        return DDIMSchedule.from_config(architectures.PIPELINES[root]["scheduler"], steps)
-    return DDIMSchedule.from_pretrained(root, steps)
-
-
-def _t5_config(source: str) -> dict[str, Any]:
-    folder = Path(source).expanduser()
-    if folder.exists():
-        return _read_json(folder / "config.json", "model.pen", source)
-    if source in architectures.T5_MODELS:
-        return architectures.T5_MODELS[source]
-    return hub.read_config(hub.ModelSource(source, None, None))[0]
-
-
 def abstract_models(config: ml_collections.ConfigDict) -> AbstractModels:
     """The modules ``config.model`` names, built from configs only ('tiny': the tiny shapes,
     with tokenizers built from the built-in prompts as ``train.py`` builds them), with the
@@ -194,24 +160,25 @@ def abstract_models(config: ml_collections.ConfigDict) -> AbstractModels:
     else:
         root = config.model.pretrained
         unet = UNet2DConditionModel(UNetConfig.from_diffusers(
-            _component(root, "unet", "model.pretrained")), dtype=dtype)
+            architectures.pipeline_component(root, "unet")), dtype=dtype)
         vae = AutoencoderKL(VAEConfig.from_diffusers(
-            _component(root, "vae", "model.pretrained")), dtype=dtype)
+            architectures.pipeline_component(root, "vae")), dtype=dtype)
         text = CLIPTextModel(CLIPTextConfig.from_transformers(
-            _component(root, "text_encoder", "model.pretrained"), root), dtype=dtype)
-        schedule = _schedule(root, steps)
+            architectures.pipeline_component(root, "text_encoder"), root), dtype=dtype)
+        schedule = DDIMSchedule.from_config(architectures.pipeline_component(root, "scheduler"),
+                                            steps)
     if config.model.pen == "tiny":
         pen_tok = train_t5_tokenizer(list(BUILTIN_PROMPTS) + list(loading.MODIFIERS),
                                      config.model.tiny.t5_vocab_size)
         pen, _ = loading._tiny_pen(config, pen_tok, dtype)
     else:
         pen = T5ForConditionalGeneration(T5Config.from_transformers(
-            _t5_config(config.model.pen), config.model.pen), dtype=dtype)
+            architectures.t5_config(config.model.pen), config.model.pen), dtype=dtype)
     side = unet.config.sample_size
     impl = loading.attention_impl(config, "tpu")
     unet, vae = unet.clone(attention_impl=impl), vae.clone(attention_impl=impl)
     return AbstractModels(unet, vae, text, pen, schedule,
-                          (side, side, unet.config.in_channels),
+                          loading.latent_shape(config, unet, vae, side),
                           float(vae.config.scaling_factor))
 
 

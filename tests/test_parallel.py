@@ -77,3 +77,15 @@ def test_put_batch():
     np.testing.assert_array_equal(np.asarray(placed["x"]), batch["x"])
     with pytest.raises(ValueError, match="divisible by the 8 local devices"):
         parallel.put_batch({"x": np.zeros((12, 2))}, mesh)
+
+
+def test_replicate_takes_typed_keys():
+    """Values equal on every process -> replicated global arrays, typed PRNG keys included
+    (multi-process: tests/test_multiprocess.py draws its evaluation keys through it)."""
+    mesh = parallel.make_mesh({"data": -1})
+    keys = jax.random.split(jax.random.key(3), 2)
+    out = parallel.replicate({"keys": keys, "x": np.arange(3.0)}, mesh)
+    assert out["keys"].dtype == keys.dtype and out["keys"].sharding.is_fully_replicated
+    assert len(out["keys"].sharding.device_set) == 8
+    assert (jax.random.key_data(out["keys"]) == jax.random.key_data(keys)).all()
+    assert out["x"].sharding.is_fully_replicated and (np.asarray(out["x"]) == np.arange(3)).all()

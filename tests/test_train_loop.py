@@ -19,10 +19,13 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from parrot_jax import architectures, loading
 from parrot_jax import config as schema
 from parrot_jax.data.promptist import DatasetError
 from parrot_jax.data.prompts import draw_prompts
 from parrot_jax.models import attention
+from parrot_jax.models.unet import UNet2DConditionModel, UNetConfig
+from parrot_jax.models.vae import AutoencoderKL, VAEConfig
 from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import loop, train_and_evaluate
 from parrot_jax.training.loop import group_prompts
@@ -354,14 +357,76 @@ def test_front_hypervolume():
     assert front_hypervolume(rewards, np.array([0.0, 0.0])) == pytest.approx(3.0)
 
 
-def test_sd15_config_builds_and_checks(tmp_path):
+def sd15_config(arg: str = ""):
     spec = importlib.util.spec_from_file_location("sd15_config", ROOT / "configs" / "sd15.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("no_pareto")
+    return module.get_config(arg)
+
+
+def test_sd15_config_builds_and_checks(tmp_path):
+    config = sd15_config("no_pareto")
     sizes = Settings.of(schema.check(config), 8, 4).sizes
     assert (sizes.batch, sizes.minibatch) == (256, 64) and not config.advantage.pareto
     assert config.sample.num_steps == 50 and config.t2i.clip_range == 1e-4
     # Offline, the hub ids cannot be fetched: the error names the field.
     with pytest.raises(Exception, match=r"config\.model\.pretrained='stable-diffusion-v1-5/"):
         train_and_evaluate(config, tmp_path)
+
+
+def _architecture_folders(root: Path, tiny: dict) -> tuple[Path, Path]:
+    """A diffusers pipeline folder and a T5 folder holding only config.json files (no weights),
+    in the tiny models' shapes but with their own vocabulary sizes."""
+    pipeline, t5 = root / "pipeline", root / "t5"
+    files = {
+        pipeline / "unet" / "config.json": {
+            "_class_name": "UNet2DConditionModel", **tiny["unet"], "in_channels": 4,
+            "out_channels": 4, "cross_attention_dim": tiny["text"]["hidden_size"],
+            "sample_size": tiny["latent_size"]},
+        pipeline / "vae" / "config.json": {"_class_name": "AutoencoderKL", **tiny["vae"]},
+        pipeline / "text_encoder" / "config.json": {
+            "model_type": "clip_text_model", **tiny["text"], "vocab_size": 1000,
+            "max_position_embeddings": tiny["context_length"]},
+        pipeline / "scheduler" / "scheduler_config.json": {"_class_name": "DDIMScheduler",
+                                                           **schema.SD_SCHEDULER},
+        t5 / "config.json": {"model_type": "t5", **tiny["t5"], "vocab_size": 300},
+    }
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+    return pipeline, t5
+
+
+def test_random_weights_build_the_named_architectures(tmp_path):
+    """model.random_weights: the T2I model and PEN of folders without weights, random, with
+    stand-in tokenizers of the folders' vocabulary sizes (saved in the workdir and read back
+    on resume); model.resolution sets the image side. (configs/sd15.py:random does this for
+    the real SD 1.5, FLAN-T5 and reward CLIPs: tests/test_full_size_cpu.py, -m slow.)"""
+    config = tiny_config("smoke")
+    pipeline, t5 = _architecture_folders(tmp_path, config.model.tiny.to_dict())
+    config.model.random_weights = True
+    config.model.pretrained, config.model.pen = str(pipeline), str(t5)
+    config.model.resolution = 4  # the smoke VAE does not downsample: 4 x 4 latents
+    config.num_iterations = 1
+    workdir = tmp_path / "run"
+    result = train_and_evaluate(config, workdir)
+    assert result["step"] == 1
+    from parrot_jax import hub
+
+    assert len(hub.load_tokenizer(workdir / "tokenizers" / "clip")) == 1000
+    assert len(hub.load_tokenizer(workdir / "tokenizers" / "pen")) == 300
+    run, _ = loop.setup(config, workdir)
+    assert run.models.latent_shape == (4, 4, 4)
+    assert run.models.text_encoder.config.vocab_size == 1000
+    assert run.models.pen.config.vocab_size == 300
+    # SD 1.5: 8x in the VAE, 8x in the UNet.
+    sd15 = sd15_config("random")
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(architectures.SD15["unet"]))
+    vae = AutoencoderKL(VAEConfig.from_diffusers(architectures.SD15["vae"]))
+    assert loading.latent_shape(sd15, unet, vae, 64) == (64, 64, 4)
+    sd15.model.resolution = 128
+    assert loading.latent_shape(sd15, unet, vae, 64) == (16, 16, 4)
+    sd15.model.resolution = 100
+    with pytest.raises(ValueError, match=r"config\.model\.resolution=100 must be a multiple "
+                                         r"of 64"):
+        loading.latent_shape(sd15, unet, vae, 64)

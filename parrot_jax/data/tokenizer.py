@@ -70,6 +70,16 @@ def train_clip_tokenizer(corpus: Iterable[str], vocab_size: int, *,
         pad_token=eos, unk_token=eos)
 
 
+def pad_vocabulary(tokenizer: Any, size: int) -> Any:
+    """``tokenizer`` with unused special tokens added until it has ``size`` entries (a
+    stand-in for a real tokenizer of that vocabulary size: ids up to ``size - 1`` exist)."""
+    missing = size - len(tokenizer)
+    if missing < 0:
+        raise ValueError(f"the tokenizer already has {len(tokenizer)} entries, more than {size}")
+    tokenizer.add_tokens([f"<unused_{i}>" for i in range(missing)], special_tokens=True)
+    return tokenizer
+
+
 def build_clip_tokenizer(corpus: Sequence[str], context: int) -> Any:
     """CLIP's conventions on a word-level vocabulary: lower-cased words and punctuation runs of
     ``corpus`` (sorted, so the same corpus always gives the same ids), ``<|startoftext|>``
