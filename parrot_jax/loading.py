@@ -264,9 +264,11 @@ def _random_t2i(config: ml_collections.ConfigDict, tokenizers: Path, corpus: lis
     schedule = DDIMSchedule.from_config(architectures.pipeline_component(root, "scheduler"),
                                         config.sample.num_steps, f"{root} scheduler")
     side = unet.config.sample_size
-    return dict(unet=unet, unet_params=random_params(unet, config.seed + 1),
-                vae=vae, vae_params=random_params(vae, config.seed + 2),
-                text_encoder=text_encoder, text_params=random_params(text_encoder, config.seed + 3),
+    frozen = frozen_dtype(config)  # the VAE and text encoder are stored in it anyway
+    return dict(unet=unet, unet_params=random_params(unet, config.seed + 1, put=jnp.asarray),
+                vae=vae, vae_params=random_params(vae, config.seed + 2, frozen, jnp.asarray),
+                text_encoder=text_encoder,
+                text_params=random_params(text_encoder, config.seed + 3, frozen, jnp.asarray),
                 schedule=schedule, latent_shape=(side, side, unet.config.in_channels)), tokenizer
 
 
@@ -279,7 +281,7 @@ def _random_pen(config: ml_collections.ConfigDict, tokenizers: Path, corpus: lis
     tokenizer = _saved_tokenizer(tokenizers / "pen", lambda: pad_vocabulary(
         train_t5_tokenizer(corpus, t5.vocab_size), t5.vocab_size))
     module = T5ForConditionalGeneration(t5, dtype=dtype)
-    return module, random_params(module, config.seed + 6), tokenizer
+    return module, random_params(module, config.seed + 6, put=jnp.asarray), tokenizer
 
 
 def _random_rewards(config: ml_collections.ConfigDict, tokenizer: Any, sharding: Any,
@@ -294,7 +296,9 @@ def _random_rewards(config: ml_collections.ConfigDict, tokenizer: Any, sharding:
     def backbone(source: str, seed: int) -> ClipBackbone:
         clip = CLIPModel(CLIPConfig.from_transformers(architectures.clip_config(source), source),
                          dtype=dtype)
-        return ClipBackbone(source.split("/")[-1], clip, random_params(clip, seed),
+        # Drawn on the device in the dtype they are stored in (model.frozen_dtype).
+        params = random_params(clip, seed, frozen_dtype(config), jnp.asarray)
+        return ClipBackbone(source.split("/")[-1], clip, params,
                             ImageProcessorConfig.square(224), tokenizer)
 
     large = backbone(CLIP_VIT_L14, config.seed + 7)

@@ -64,7 +64,13 @@ from parrot_jax.training import visualize
 from parrot_jax.training.metrics import MetricsWriter, host
 from parrot_jax.training.preemption import Preemption
 from parrot_jax.training.settings import Settings
-from parrot_jax.training.state import Run, compile_ahead, initial_state, train_step_for
+from parrot_jax.training.state import (
+    Run,
+    compile_ahead,
+    initial_state,
+    train_step_for,
+    untrained_params,
+)
 from parrot_jax.training.step import T2IBatch, T2ITrainState, batch_shardings, minibatch
 from parrot_jax.training.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
 from parrot_jax.workdir import (
@@ -214,6 +220,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
     models.place(parallel.replicated(mesh), frozen_dtype(config))
     state, frozen = initial_state(settings, models, mesh, config.model.pen)
     frozen = store_as(frozen, frozen_dtype(config))
+    # The untrained UNet (the base policy) from here on shares the stored frozen weights: a
+    # float32 copy of the whole UNet would stay on every device for nothing.
+    models.unet_params = untrained_params(models.unet_params, frozen, settings.t2i)
     train_step, rescore = train_step_for(models, settings, mesh, state, frozen,
                                          config_dict(config.sample), config.model.pretrained)
     null = models.clip_tokenizer([""], padding="max_length", max_length=models.context_length)

@@ -80,6 +80,16 @@ class Run:
                       merge(m.pen_params, state["pen"]["lora"]), step)
 
 
+def untrained_params(params: Any, frozen: Any, spec: Any) -> Any:
+    """The untrained UNet tree ``params`` rebuilt on ``frozen`` (its frozen part as the run
+    stores it, ``model.frozen_dtype``) and its own trainable part: what ``Run.policy(base=True)``
+    splits again. (LoRA: the frozen tree is the whole model.)"""
+    if spec.trainable == "lora":
+        return frozen
+    trainable, _ = split_params(params, spec)
+    return merged_params(trainable, frozen)
+
+
 def initial_state(settings: Settings, models: ParrotModels, mesh: Mesh,
                   pen_source: str) -> tuple[dict, Any]:
     """``(state, frozen T2I parameters)`` of a fresh run; ``pen_source`` (config.model.pen)
