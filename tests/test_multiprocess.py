@@ -81,6 +81,24 @@ class Launch:
             f"process {i} exited {c}:\n{self.output(i)[-3000:]}" for i, c in enumerate(codes))
 
 
+def kill_process_1_when_resuming(launch: Launch) -> None:
+    """SIGKILL process 1 once it logs that it resumes; process 0 must then stop, non-zero,
+    within 2 minutes, its log naming task 1 (JAX's coordinator notices the missing heartbeats
+    after --heartbeat_timeout; the wording depends on where process 0 waits)."""
+    deadline = time.monotonic() + TIMEOUT
+    while "Resuming" not in launch.output(1) and time.monotonic() < deadline:
+        assert launch.procs[1].poll() is None, launch.output(1)[-3000:]
+        time.sleep(0.2)
+    launch.procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    codes = launch.wait()
+    stopped_after = time.monotonic() - killed_at
+    assert codes[0] != 0 and codes[1] == -signal.SIGKILL, codes
+    assert stopped_after <= 120, stopped_after
+    assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\s",
+                     launch.output(0)), launch.output(0)[-3000:]
+
+
 def _by_step(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith("perf/")}
             for r in records}
@@ -153,21 +171,8 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(train_runs):
     killed, uninterrupted = tmp / "killed", tmp / "uninterrupted"
     shutil.copytree(two, killed)
     shutil.copytree(two, uninterrupted)
-    launch = Launch(TRAIN, killed, tmp, "killed", extra=("--config.num_iterations=3",))
-    deadline = time.monotonic() + TIMEOUT
-    while "Resuming" not in launch.output(1) and time.monotonic() < deadline:
-        assert launch.procs[1].poll() is None, launch.output(1)[-3000:]
-        time.sleep(0.2)
-    launch.procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    codes = launch.wait()
-    stopped_after = time.monotonic() - killed_at
-    assert codes[0] != 0 and codes[1] == -signal.SIGKILL
-    # JAX's coordinator notices the silence after --heartbeat_timeout and names the task.
-    assert stopped_after <= 120, stopped_after
-    # (Its wording depends on where process 0 waits: in a barrier or polling for errors.)
-    assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\s",
-                     launch.output(0)), launch.output(0)[-3000:]
+    kill_process_1_when_resuming(
+        Launch(TRAIN, killed, tmp, "killed", extra=("--config.num_iterations=3",)))
 
     Launch(TRAIN, killed, tmp, "restarted", extra=("--config.num_iterations=3",)).succeed()
     config = tiny_config("smoke")
@@ -182,8 +187,10 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(train_runs):
 
 def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path):
     """PEN SFT as 2 x 4 equals 1 x 8, writes its metrics once, and its checkpoint at step 10
-    continues in 1 x 8 to the uninterrupted run's step 20."""
+    continues in 1 x 8 to the uninterrupted run's step 20; a killed process stops the other
+    with its name, and both restarted resume to the same step 20."""
     two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    killed = tmp_path / "killed"
     launch = Launch(SFT, two, tmp_path, "sft")
     want = pen_sft.train_and_evaluate(sft_config(), one)
     launch.succeed()
@@ -198,9 +205,16 @@ def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path):
     # The 2 x 4 checkpoint of step 10 (step 20 removed) continues here, in 1 x 8.
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / pen_sft.CHECKPOINT_DIR / "20")
+    shutil.copytree(resumed, killed)
     result = pen_sft.train_and_evaluate(sft_config(), resumed)
     assert result["step"] == 20
     assert abs(result["eval_loss"] - want["eval_loss"]) <= 1e-5 * abs(want["eval_loss"])
+    # From the same checkpoint as 2 x 4: process 1 killed once it resumes; then both again.
+    kill_process_1_when_resuming(Launch(SFT, killed, tmp_path, "sft_killed"))
+    Launch(SFT, killed, tmp_path, "sft_restarted").succeed()
+    last = json.loads((killed / pen_sft.METRICS_FILE).read_text().splitlines()[-1])
+    assert last["step"] == 20
+    assert abs(last["eval_loss"] - want["eval_loss"]) <= 1e-5 * abs(want["eval_loss"])
 
 
 # --- launch flags ----------------------------------------------------------------------------
