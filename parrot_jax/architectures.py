@@ -112,22 +112,20 @@ def pipeline_component(root: str, name: str, field: str = "model.pretrained") ->
     return _from_hub(root, name, filename if name == "scheduler" else None)
 
 
-def t5_config(source: str, field: str = "model.pen") -> dict[str, Any]:
-    """config.json of a T5 folder or hub id."""
+def _model_config(source: str, known: dict[str, dict[str, Any]], field: str) -> dict[str, Any]:
     folder = Path(source).expanduser()
     if folder.exists():
         return _read_json(folder / "config.json", field, source)
-    if source in T5_MODELS:
-        return T5_MODELS[source]
+    if source in known:
+        return known[source]
     return _from_hub(source, None)
+
+
+def t5_config(source: str, field: str = "model.pen") -> dict[str, Any]:
+    """config.json of a T5 folder or hub id."""
+    return _model_config(source, T5_MODELS, field)
 
 
 def clip_config(source: str, field: str = "model.rewards") -> dict[str, Any]:
     """config.json of a CLIPModel folder or hub id."""
-    folder = Path(source).expanduser()
-    if folder.exists():
-        return _read_json(folder / "config.json", field, source)
-    if source in CLIP_MODELS:
-        return CLIP_MODELS[source]
-    return _from_hub(source, None)
-
+    return _model_config(source, CLIP_MODELS, field)

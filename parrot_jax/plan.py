@@ -317,16 +317,17 @@ def _compile(name: str, phase: str, lowered: Any) -> tuple[Any, ProgramStats]:
     start = time.monotonic()
     try:
         compiled = lowered.compile()
+        stats, outcome = ProgramStats.of(name, phase, compiled), "compiled"
     except Exception as e:  # JaxRuntimeError: RESOURCE_EXHAUSTED, "Ran out of memory ..."
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return None, ProgramStats(name, phase, error=str(e).split("\n")[0])
-    finally:
-        # Progress on stderr: a paper-scale program takes minutes to compile on a laptop.
-        print(f"plan: {name} compiled in {time.monotonic() - start:.0f} s (host peak RSS "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.1f} GiB)",
-              file=sys.stderr, flush=True)
-    return compiled, ProgramStats.of(name, phase, compiled)
+        compiled, outcome = None, "refused (out of memory)"
+        stats = ProgramStats(name, phase, error=str(e).split("\n")[0])
+    # Progress on stderr: a paper-scale program takes minutes to compile on a laptop.
+    print(f"plan: {name} {outcome} in {time.monotonic() - start:.0f} s (host peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.1f} GiB)",
+          file=sys.stderr, flush=True)
+    return compiled, stats
 
 
 def _flops(fn: Any, *args: Any) -> float:
