@@ -3,6 +3,7 @@ collectives) sharing one workdir, against 1 process x 8 devices in this one. The
 files written once, a checkpoint that resumes in another layout, a killed worker that stops the
 other with its name, a restart that resumes; for train.py and for PEN SFT."""
 
+import importlib.util
 import json
 import os
 import re
@@ -234,8 +235,9 @@ def test_bad_launch_flags_fail_naming_the_flag(tool, tmp_path, capsys):
     set, a process id out of range, a malformed address, a coordinator that never answers,
     and process 0 on a port another program listens on."""
     if tool == "train":
-        import train
-
+        spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)
         main, base = train.main, ["--config", str(ROOT / "configs" / "tiny.py:smoke")]
     else:
         main, base = pen_sft.main, ["--config", str(ROOT / "configs" / "pen_sft.py:tiny")]
