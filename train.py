@@ -79,7 +79,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workdir = args.workdir or str(ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     logging.info("JAX process %d of %d, %d local devices; workdir %s", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), workdir)
-    result = train_and_evaluate(config, workdir)
+    from parrot_jax.data.promptist import DatasetError
+    from parrot_jax.workdir import CheckpointError, IncompatibleWorkdirError
+
+    try:
+        result = train_and_evaluate(config, workdir)
+    except (DatasetError, IncompatibleWorkdirError, FileNotFoundError) as e:  # bad input
+        cli.fail(PROG, str(e))
+    except (FloatingPointError, CheckpointError) as e:  # the run cannot go on
+        cli.halt(PROG, str(e))
     logging.info("finished at iteration %d%s", result["step"],
                  " (preempted: resume with the same --workdir)" if result["preempted"] else "")
     return result

@@ -305,7 +305,8 @@ FIELDS: tuple[Field, ...] = (
     Field("hypervolume_reference", "batch_min", "the point the logged batch hypervolume is "
           "measured from: 'batch_min' (each reward's batch minimum) or K comma-separated "
           "numbers", text),
-    Field("log_every", 1, "iterations between metrics.jsonl records", positive_int,
+    Field("log_every", 1, "iterations between metrics.jsonl records (one is also written at "
+          "every checkpoint, so a resume logs nothing twice)", positive_int,
           resumable=True),
     Field("checkpoint_every", 50, "iterations between checkpoints (also at the end and on "
           "SIGTERM)", positive_int, resumable=True),

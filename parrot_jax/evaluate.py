@@ -6,7 +6,9 @@ does (PEN expansion, identifiers, Eq. 5 guidance; same flags), and every reward 
 checkpoint is scored, and with ``--base`` also the untrained models, with the same seeds (paired
 noise). Writes ``eval.json`` (per model, per reward: mean and std over all images, and the
 hypervolume of the model's reward vectors, pooled and per prompt) and ``eval.md`` (the same as
-a markdown table).
+a markdown table). The whole file is checked against the text encoder's context and, with
+``--expand``, the PEN's ``config.data.max_prompt_length`` before anything is sampled: a prompt
+that does not fit exits 2 naming its ``file:line``.
 
 The hypervolume of a model is that of all its images' reward vectors (one point per image),
 measured from one reference shared by the models of the file: each reward's minimum over every
@@ -26,7 +28,8 @@ from typing import Any
 from absl import flags
 
 from parrot_jax import cli, policy, scoring
-from parrot_jax.data.promptist import DatasetError, read_prompts
+from parrot_jax.data.promptist import DatasetError
+from parrot_jax.data.prompts import check_prompt_lengths, inference_limits, read_prompt_list
 from parrot_jax.sample import define_generation_flags, identifiers_arg, load_policies
 
 PROG = "python -m parrot_jax.evaluate"
@@ -50,13 +53,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if getattr(args, name) <= 0:
             cli.fail(PROG, f"--{name} {getattr(args, name)}: must be positive")
     try:
-        prompts = read_prompts(args.prompts)
+        prompts = read_prompt_list(args.prompts)
     except (DatasetError, OSError) as e:
         cli.fail(PROG, f"--prompts: {e}")
     policies = load_policies(PROG, args, trained=True)
     rewards = policies[0].models.rewards
     names = list(rewards.names)
     try:
+        try:  # the whole file, before any image: one line naming the first prompt too long
+            check_prompt_lengths(prompts, inference_limits(
+                policies[0].models, policies[0].config.data.max_prompt_length,
+                expand=args.expand))
+        except DatasetError as e:
+            cli.fail(PROG, f"--prompts: {e}")
         ids = identifiers_arg(PROG, args.identifiers, len(names))
         values = {}
         for p in policies:

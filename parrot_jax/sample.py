@@ -22,6 +22,8 @@ import numpy as np
 from absl import flags
 
 from parrot_jax import cli, policy
+from parrot_jax.data.promptist import DatasetError
+from parrot_jax.data.prompts import PromptList, check_prompt_lengths, inference_limits
 from parrot_jax.expansion import parse_identifiers
 
 PROG = "python -m parrot_jax.sample"
@@ -90,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cli.fail(PROG, "--prompt is empty")
     (loaded,) = load_policies(PROG, args, trained=not args.base)
     try:
+        try:  # as evaluate checks its prompt file: the same one line, naming --prompt
+            check_prompt_lengths(PromptList([args.prompt], ["--prompt"]), inference_limits(
+                loaded.models, loaded.config.data.max_prompt_length, expand=args.expand))
+        except DatasetError as e:
+            cli.fail(PROG, str(e))
         ids = identifiers_arg(PROG, args.identifiers, len(loaded.models.rewards.names))
         samples = loaded.sample([args.prompt], identifiers=ids, w1=args.w1, w2=args.w2,
                                 expand_prompt=args.expand, greedy=not args.pen_sample,

@@ -5,17 +5,23 @@ in the same workdir must agree on every field except those the schema marks resu
 length, logging and checkpoint cadence, device layout, the closing evaluation), or it is refused
 before anything is written (``parrot_jax.config``). Checkpoints are an orbax
 ``CheckpointManager`` (async, ``max_to_keep``) of one item, ``state``: the loop's whole training
-state (``training.state``). Training writes here; sampling and evaluation read it.
+state (``training.state``), saved only when every value in it is finite (``save``). A resume
+restores the latest checkpoint that reads back and sets damaged ones aside in
+``checkpoints.damaged/`` (``restore_latest``). Training writes here; sampling and evaluation
+read it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +30,7 @@ from parrot_jax import config as schema
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"  # checkpoints that failed to restore, set aside
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -84,20 +91,144 @@ def checkpoint_manager(workdir: str | os.PathLike, max_to_keep: int | None = Non
                                  item_names=("state",))
 
 
+@jax.jit
+def _finite_parts(state: Any) -> dict[str, jax.Array]:
+    """bool scalar per part (``'t2i/trainable'``, ``'pen/opt_state'``, ...: the first two keys
+    of each leaf's path): all its floating values are finite."""
+    flags: dict[str, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            continue
+        name = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path[:2])
+        ok = jnp.all(jnp.isfinite(leaf))
+        flags[name] = flags[name] & ok if name in flags else ok
+    return flags
+
+
+def nonfinite_parts(state: Any) -> list[str]:
+    """The parts of a training state holding a NaN or inf (empty when it is safe to save)."""
+    return [name for name, ok in jax.device_get(_finite_parts(state)).items() if not ok]
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Start saving ``state`` at ``step`` (returns once arrays are copied off the devices)."""
+    """Start saving ``state`` at ``step`` (returns once arrays are copied off the devices).
+    A state with a NaN or inf anywhere is refused with ``FloatingPointError`` naming its
+    parts, before anything is written: a resume would restore the diverged weights."""
+    bad = nonfinite_parts(state)
+    if bad:
+        raise FloatingPointError(f"checkpoint {step} not written: non-finite values in the "
+                                 f"state's {', '.join(bad)}")
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
-    """``(state, step)`` of the latest checkpoint restored into ``target``'s structure and
-    shardings, or ``(target, None)`` when there is none."""
-    step = manager.latest_step()
-    if step is None:
-        return target, None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    return restored.state, step
+class CheckpointError(RuntimeError):
+    """No checkpoint of the workdir could be restored."""
+
+
+def _reason(error: BaseException, limit: int = 240) -> str:
+    """One line for a failed restore: the exception's type and the start of its first line
+    (TensorStore's messages run to hundreds of lines)."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    first = first if len(first) <= limit else first[:limit] + " ..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _ignoring_abandoned_reads() -> Callable[[], None]:
+    """Install a ``sys.unraisablehook`` filter and return its removal. When a restore fails,
+    TensorStore still completes the reads orbax abandoned and hands each to orbax's closed
+    event loop: one "Event loop is closed" traceback per read (hundreds), some arriving after
+    the failure is raised. The filter drops exactly those; every other unraisable exception
+    reaches the previous hook. Kept for the rest of the process after a failed restore."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+    def remove() -> None:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+    return remove
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True on every process when ``ok`` is true on every process (a damaged file may be seen
+    by one host only; all must fall back together)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def set_aside(workdir: str | os.PathLike, step: int) -> Path:
+    """Move ``checkpoints/<step>`` to ``checkpoints.damaged/<step>`` (process 0; never deleted:
+    the user may want to inspect it) and return where it went; a name already there gets a
+    numeric suffix."""
+    source = Path(workdir).absolute() / CHECKPOINT_DIR / str(step)
+    target = Path(workdir).absolute() / DAMAGED_DIR / str(step)
+    suffix = 1
+    while target.exists():
+        target = target.with_name(f"{step}.{suffix}")
+        suffix += 1
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any,
+                   unit: str = "iteration") -> tuple[Any, int | None]:
+    """``(state, step)`` of the latest checkpoint that restores into ``target``'s structure and
+    shardings, or ``(target, None)`` when there is none.
+
+    A checkpoint that fails to restore (a truncated or emptied file, a crash mid-write) is
+    skipped with one warning line naming it and the ``unit`` it falls back to, then moved to
+    ``checkpoints.damaged/`` once an older one has restored (a later save of the same step
+    would collide with it; nothing is deleted). When none restores, ``CheckpointError`` lists
+    them all and nothing is moved."""
+    from absl import logging
+
+    directory = Path(manager.directory)
+    steps = sorted(manager.all_steps(), reverse=True)
+    failed: list[tuple[int, str]] = []
+    for i, step in enumerate(steps):
+        quiet = _ignoring_abandoned_reads()
+        try:
+            restored, reason = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target))).state, ""
+        except Exception as e:  # noqa: BLE001 (any failure: report it in one line, go on)
+            restored, reason = None, _reason(e)
+        if not reason and not failed:
+            quiet()
+        if _all_processes_agree(not reason):
+            for bad, _ in failed:
+                logging.warning("checkpoint %s moved to %s", directory / str(bad),
+                                set_aside(directory.parent, bad))
+            if failed:
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("parrot_jax.set_aside")
+                manager.reload()
+            return restored, step
+        reason = reason or "another process could not restore it"
+        failed.append((step, reason))
+        fallback = (f"falling back to {unit} {steps[i + 1]}" if i + 1 < len(steps)
+                    else "no older checkpoint")
+        logging.warning("checkpoint %s cannot be restored (%s); %s", directory / str(step),
+                        reason, fallback)
+    if failed:
+        raise CheckpointError(
+            f"{directory}: no checkpoint can be restored ("
+            + "; ".join(f"{step}: {reason}" for step, reason in failed)
+            + f"). Move {directory} aside to start the run afresh, or use a new --workdir")
+    return target, None
 
 
 def restore_parts(workdir: str | os.PathLike, step: int, parts: tuple[str, ...]) -> dict:

@@ -1,11 +1,20 @@
-"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere, and one
+persistent compilation cache for the session: the train.py processes that tests start (kill and
+resume, several processes) reuse what the test process compiled instead of compiling it again."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # a fresh one: never another version's code
+    _CACHE = tempfile.mkdtemp(prefix="parrot_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 
 import jax  # noqa: E402
 

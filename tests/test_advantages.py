@@ -79,6 +79,28 @@ def test_baselines_and_no_pareto():
     np.testing.assert_allclose(clipped, np.clip(no_pareto, -0.5, 0.5))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_are_excluded(bad):
+    """NaN, +inf and -inf alike: out of the selection, every statistic and the PEN's weights,
+    in every mode; every advantage stays finite."""
+    rewards = R.copy()
+    rewards[0, 1] = bad  # the row that would dominate (+inf) or be dominated (-inf)
+    for config in (AdvantageConfig(mode="paper"), AdvantageConfig(mode="normalized"),
+                   AdvantageConfig(mode="weighted_sum", weights=(0.5, 0.5))):
+        a, adv, _ = _adv(config, rewards)
+        assert np.isfinite(a).all() and a[0] == 0.0, config
+        np.testing.assert_array_equal(adv.valid, [False, True, True, True])
+        assert not adv.selected[0]
+        for mode in ("raw", "normalized"):
+            pen = group_advantages(rewards, K1, adv.selected, config, group_size=4, mode=mode)
+            assert np.isfinite(np.asarray(pen)).all(), (config, mode)
+    # normalized: statistics over the valid rows 1-3 only (column 1: 2, 1, 0); row 2 stays
+    # dominated by row 1, rows 1 and 3 are selected.
+    a, _, _ = _adv(AdvantageConfig(mode="normalized", adv_clip=None), rewards)
+    z = (R[1:, 1] - R[1:, 1].mean()) / (R[1:, 1].std() + 1e-6)
+    np.testing.assert_allclose(a, [0.0, z[0], 0.0, z[2]], rtol=1e-5)
+
+
 def test_nan_rows_are_excluded():
     rewards = R.copy()
     rewards[2, 0] = np.nan  # the dominated row; the others' statistics must ignore it

@@ -1,6 +1,7 @@
 """The config schema (``parrot_jax.config``), the command-line convention (``parrot_jax.cli``) and
 the plugin registry (``parrot_jax.plugins``)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -133,6 +134,64 @@ def test_cli_help_and_values(capsys):
         cli.parse(_define, ["--help"], prog="tool", doc="A tool.")
     out = capsys.readouterr().out
     assert e.value.code == 0 and "A tool." in out and "--num_images" in out
+
+
+def _train_main():
+    """train.py's ``main`` (the repository root is not on sys.path under plain pytest)."""
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+@pytest.mark.parametrize("tool, argv, key, near", [
+    ("train", ["--config.sample.num_stepz=3"], "sample.num_stepz", "sample.num_steps"),
+    ("train", ["--config.sampel.num_steps", "3"], "sampel.num_steps", "sample.num_steps"),
+    ("train", ["--config", "configs/tiny.py:smoke", "--config.num_steps=3"], "num_steps",
+     "sample.num_steps"),
+    ("train", ["--config.no_such_key=1"], "no_such_key",
+     "no close match; config has: advantage, "),
+    ("train", ["--noconfig.pen.trainn"], "pen.trainn", "pen.train"),
+    ("pen_sft", ["--config", "configs/pen_sft.py:tiny", "--config.optim.learning_ratez=1"],
+     "optim.learning_ratez", "optim.learning_rate"),
+])
+def test_unknown_config_key_is_one_line_naming_the_nearest(tool, argv, key, near, capsys,
+                                                           tmp_path, monkeypatch):
+    """An unknown --config.KEY (top-level, nested, a typo of a section) is refused by the tool's
+    main with one stderr line naming the key and the nearest known keys, status 2, and nothing
+    is written (no workdir)."""
+    from parrot_jax.training import pen_sft
+
+    monkeypatch.chdir(ROOT)  # the relative config paths, as typed in a shell
+    main = _train_main() if tool == "train" else pen_sft.main
+    with pytest.raises(SystemExit) as e:
+        main([*argv, f"--workdir={tmp_path / 'w'}"])
+    captured = capsys.readouterr()
+    prog = "python train.py" if tool == "train" else pen_sft.PROG
+    assert e.value.code == 2 and captured.out == ""
+    assert captured.err.startswith(f"{prog}: error: unknown config key {key!r} (")
+    assert near in captured.err and captured.err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+def test_config_file_errors_are_one_line(capsys):
+    """A config file that raises (here: a variant it does not have) is refused with the line
+    that names the problem, not the traceback ml_collections wraps around it; a known override
+    with a bad value keeps absl's message."""
+    main = _train_main()
+    for argv, message in [
+        (["--config", str(ROOT / "configs/toy.py:nope")],
+         "ConfigError: unknown configs/toy.py variant(s) ['nope']"),
+        (["--config.num_groups=abc"],
+         "flag --config.num_groups=abc: invalid literal for int() with base 10: 'abc'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("python train.py: error: ")
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_plugins_are_found_by_name():

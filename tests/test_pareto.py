@@ -21,8 +21,8 @@ mask_jit = jax.jit(non_dominated_mask, static_argnames="block_size")
 
 
 def brute_force(r: np.ndarray) -> np.ndarray:
-    """Parrot's NDSet as written: i survives unless a valid j dominates it."""
-    ok = ~np.isnan(r).any(axis=1)
+    """Parrot's NDSet as written: i survives unless a valid (all finite) j dominates it."""
+    ok = np.isfinite(r).all(axis=1)
     out = np.zeros(len(r), bool)
     for i in np.flatnonzero(ok):
         out[i] = not any(ok[j] and np.all(r[j] >= r[i]) and np.any(r[j] > r[i])
@@ -31,7 +31,7 @@ def brute_force(r: np.ndarray) -> np.ndarray:
 
 
 def moocore_mask(r: np.ndarray) -> np.ndarray:
-    ok = ~np.isnan(r).any(axis=1)
+    ok = np.isfinite(r).all(axis=1)
     out = np.zeros(len(r), bool)
     out[ok] = moocore.is_nondominated(r[ok], maximise=True, keep_weakly=True)
     return out
@@ -42,10 +42,11 @@ def _rewards(rng, n, k, kind):
         r = rng.standard_normal((n, k))
     elif kind == "tied":  # few levels: many ties and many exact duplicates
         r = rng.integers(0, 3, (n, k)).astype(float)
-    else:  # duplicated rows plus NaNs
+    else:  # duplicated rows plus NaNs and +/-infs (invalid: +inf would dominate everything)
         r = rng.standard_normal(((n + 1) // 2, k))
         r = np.concatenate([r, r[rng.integers(0, len(r), n - len(r))]])
-        r[rng.random(n) < 0.1, rng.integers(0, k)] = np.nan
+        bad = rng.random(n) < 0.15
+        r[bad, rng.integers(0, k)] = rng.choice([np.nan, np.inf, -np.inf], bad.sum())
     return r.astype(np.float32)
 
 
@@ -68,13 +69,15 @@ def test_mask_equals_moocore_large(kind, n, k):
 
 
 def test_edge_cases():
-    r = np.array([[1, 1], [1, 1], [0, 2], [0, 1], [np.nan, 9], [2, np.nan]], np.float32)
-    # identical rows both kept; [0, 1] dominated by [1, 1] and by [0, 2]; NaN rows never kept and
-    # never dominate ([nan, 9] would otherwise dominate [0, 2])
-    np.testing.assert_array_equal(mask_jit(r), [True, True, True, False, False, False])
-    valid = np.array([False, True, True, True, True, True])
+    r = np.array([[1, 1], [1, 1], [0, 2], [0, 1], [np.nan, 9], [2, np.nan], [np.inf, 5],
+                  [-np.inf, 9]], np.float32)
+    # identical rows both kept; [0, 1] dominated by [1, 1] and by [0, 2]; NaN and inf rows never
+    # kept and never dominate ([nan, 9], [inf, 5] would otherwise dominate [0, 2], [1, 1])
+    np.testing.assert_array_equal(mask_jit(r), [True, True, True, False, False, False, False,
+                                                False])
+    valid = np.array([False, True, True, True, True, True, True, True])
     np.testing.assert_array_equal(non_dominated_mask(r, valid), [False, True, True, False,
-                                                                 False, False])
+                                                                 False, False, False, False])
     assert not np.asarray(non_dominated_mask(np.full((3, 2), np.nan, np.float32))).any()
 
 
@@ -100,7 +103,7 @@ def test_pareto_ranks_peel_fronts():
     rng = np.random.default_rng(4)
     r = _rewards(rng, 150, 3, "duplicated_nan")
     ranks = np.asarray(jax.jit(pareto_ranks)(r))
-    ok = ~np.isnan(r).any(axis=1)
+    ok = np.isfinite(r).all(axis=1)
     assert np.all(ranks[~ok] == -1) and np.all(ranks[ok] >= 0)
     remaining = ok.copy()
     for front in range(ranks.max() + 1):  # each front = non-dominated set of what is left
@@ -118,8 +121,8 @@ def test_hypervolume_equals_moocore(k):
     ref = np.full(k, 0.1)
     expected = moocore.hypervolume(pts, ref=ref, maximise=True)
     np.testing.assert_allclose(hypervolume(pts, ref), expected, rtol=1e-12)
-    # NaN rows are ignored; points below the reference add nothing.
-    extra = np.concatenate([pts, [[np.nan] * k], [[0.05] * k]])
+    # NaN and inf rows are ignored; points below the reference add nothing.
+    extra = np.concatenate([pts, [[np.nan] * k], [[np.inf] * k], [[0.05] * k]])
     np.testing.assert_allclose(hypervolume(extra, ref), expected, rtol=1e-12)
 
 

@@ -39,6 +39,7 @@ from parrot_jax.rewards import (
     build_parrot_rewards,
     jpeg_sizes_kb,
 )
+from parrot_jax.rl.pareto import valid_rows
 
 PROMPTS = ["a red circle", "a blue square on a dark background", "vivid pastel shapes",
            "a small green triangle", "bright outlined star", "a photo of a dog",
@@ -302,6 +303,35 @@ def test_jpeg_compressibility_values():
     assert JpegCompressibility(incompressible=True).compute(images)[1] == -values[1]
     with pytest.raises(ValueError, match=r"images must be \[B, H, W, 3\]"):
         JpegCompressibility().submit(images[0]).result(timeout=30)
+
+
+def test_jpeg_non_finite_images_score_nan():
+    """An image with any NaN / inf pixel scores NaN (an invalid sample for the loop), silently
+    (no RuntimeWarning from casting NaN to uint8); the finite images keep their own scores."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = rng.random((5, 16, 16, 3)).astype(np.float32)
+    images[1] = np.nan  # all NaN: the cast made it a black image, scored about -2.1
+    images[2, 3, 4, 1] = np.nan
+    images[3, 0, 0, 0] = np.inf
+    images[4, 5, 5, 2] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with JpegCompressibility() as reward:
+            values = reward.submit(images).result(timeout=30)
+        sizes = jpeg_sizes_kb(images)
+    assert values.dtype == np.float32 and values.shape == (5,)
+    assert np.isfinite(values[0]) and np.isnan(values[1:]).all() and np.isnan(sizes[1:]).all()
+    buffer = io.BytesIO()  # the finite image scores as before: PIL's size of round(255 x)
+    Image.fromarray(np.round(images[0] * 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    assert values[0] == pytest.approx(-len(buffer.getvalue()) / 1000)
+    assert np.asarray(valid_rows(jnp.stack([values, np.zeros(5)], -1))).tolist() == [
+        True, False, False, False, False]
+    assert jpeg_sizes_kb(np.zeros((0, 16, 16, 3))).shape == (0,)
 
 
 def test_clear_errors(world, tmp_path):

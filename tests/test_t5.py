@@ -375,3 +375,128 @@ def test_config_defaults_follow_transformers():
                   "scale_decoder_outputs", "pad_token_id", "eos_token_id"):
         assert getattr(ours, field) == getattr(ref, field), field
     assert dataclasses.replace(ours, decoder_start_token_id=None).start_token == 0
+
+
+# --- mT5 and the decoder-output rescale ------------------------------------------------------
+
+# google/mt5-small's config.json as published (transformers 4), at the tiny test sizes.
+MT5_SMALL_PUBLISHED = dict(
+    architectures=["MT5ForConditionalGeneration"], d_ff=64, d_kv=8, d_model=32,
+    decoder_start_token_id=0, dropout_rate=0.1, eos_token_id=1, feed_forward_proj="gated-gelu",
+    initializer_factor=1.0, is_encoder_decoder=True, layer_norm_epsilon=1e-06, model_type="mt5",
+    num_decoder_layers=2, num_heads=4, num_layers=2, pad_token_id=0,
+    relative_attention_max_distance=20, relative_attention_num_buckets=8,
+    tie_word_embeddings=False, tokenizer_class="T5Tokenizer", transformers_version="4.10.0.dev0",
+    use_cache=True, vocab_size=100,
+)
+
+
+def _tiny_mt5_torch(tie: bool, seed: int) -> Any:
+    """A transformers ``MT5ForConditionalGeneration`` with tiny_t5_torch's random weights (FLAN's
+    layout); untied: its own ``lm_head`` parameter, which save_pretrained then stores."""
+    source = tiny_t5_torch(dict(TINY_FLAN_T5, tie_word_embeddings=tie), seed=seed)
+    config = {k: v for k, v in TINY_FLAN_T5.items() if k != "tie_word_embeddings"}
+    model = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**config))
+    if not tie:
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    model.load_state_dict(source.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_mt5_logits_match_transformers(tmp_path, tie):
+    """mT5 as transformers 5 writes it (tie_word_embeddings=true, no scale_decoder_outputs,
+    lm_head stored only when separate) loads with transformers' scale: mT5 never rescales. The
+    untied one also as transformers 4 wrote it (google/mt5-small's config) and re-saved."""
+    model = _tiny_mt5_torch(tie, seed=3)
+    if not tie:
+        assert not torch.equal(model.lm_head.weight, model.shared.weight)
+    model.save_pretrained(tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert written["model_type"] == "mt5" and written["tie_word_embeddings"] is True
+    assert "scale_decoder_outputs" not in written
+    ids, mask, dec, dec_mask = _inputs()
+    with torch.no_grad():
+        ref = model(input_ids=_torch(ids), attention_mask=_torch(mask),
+                    decoder_input_ids=_torch(dec), decoder_attention_mask=_torch(dec_mask))
+    ref = ref.logits.numpy()
+    assert np.abs(ref).max() > 0.5
+    folders = [tmp_path / "saved"]
+    if not tie:  # as published (transformers 4), and that folder re-saved by transformers 5
+        folders.append(_folder(tmp_path / "v4", tmp_path / "saved", config=MT5_SMALL_PUBLISHED))
+        transformers.MT5ForConditionalGeneration.from_pretrained(folders[-1]).save_pretrained(
+            tmp_path / "resaved")
+        folders.append(tmp_path / "resaved")
+        assert json.loads((folders[-1] / "config.json").read_text())["tie_word_embeddings"]
+    for folder in folders:
+        module, params = hub.load_t5(folder)
+        assert not module.config.scale_decoder_outputs
+        assert module.config.tie_word_embeddings == tie and ("lm_head" in params) != tie
+        logits = np.asarray(jax.jit(module.apply)({"params": params}, ids, mask, dec, dec_mask))
+        assert np.abs(logits - ref).max() <= ATOL, folder.name
+
+
+def _torch_rescales(config: dict) -> bool:
+    """Whether the installed transformers multiplies the decoder output by d_model**-0.5 for
+    this config.json dict: its logits against its lm_head applied to the final decoder state."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(
+        transformers.AutoConfig.for_model(**config)).eval()
+    ids = torch.tensor([[3, 4, 5, 1]])
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True)
+        raw = model.lm_head(out.decoder_hidden_states[-1])
+    if torch.allclose(out.logits, raw, atol=1e-6):
+        return False
+    assert torch.allclose(out.logits, raw * config["d_model"] ** -0.5, atol=1e-6)
+    return True
+
+
+def test_rescale_decision_follows_transformers():
+    """Every combination of model_type, tie_word_embeddings, scale_decoder_outputs and writer
+    version: ours rescales exactly when the installed transformers does, or refuses with one
+    line naming the key, and refuses exactly the mT5 configs that transformers 4 and 5 read
+    differently (tied or unsaid, not written by 5) or that ask for a rescale mT5 ignores."""
+    base = dict(vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+                feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    refused = []
+    for model_type in ("t5", "mt5"):
+        for tie in (True, False, None):
+            for scale in (True, False, None):
+                for version in ("5.24.0", "4.46.3", None):
+                    extra = {"tie_word_embeddings": tie, "scale_decoder_outputs": scale,
+                             "transformers_version": version}
+                    config = dict(base, model_type=model_type,
+                                  **{k: v for k, v in extra.items() if v is not None})
+                    try:
+                        ours = T5Config.from_transformers(config, "x/config.json")
+                    except ConfigError as e:
+                        msg = str(e)
+                        assert msg.startswith("x/config.json: ") and "\n" not in msg
+                        assert "scale_decoder_outputs" in msg or "tie_word_embeddings" in msg
+                        refused.append((model_type, tie, scale, version))
+                        continue
+                    assert ours.scale_decoder_outputs == _torch_rescales(config), config
+    ambiguous = [("mt5", tie, scale, version)
+                 for tie in (True, False, None) for scale in (True, False, None)
+                 for version in ("5.24.0", "4.46.3", None)
+                 if scale is True or (scale is None and tie is not False and version != "5.24.0")]
+    assert refused == ambiguous
+
+
+@pytest.mark.parametrize("edit,key", [
+    ({"transformers_version": "4.46.3"}, "tie_word_embeddings=True"),
+    ({"transformers_version": None}, "tie_word_embeddings=True"),
+    ({"scale_decoder_outputs": True}, "scale_decoder_outputs=True"),
+])
+def test_ambiguous_mt5_config_refused(tmp_path, edit, key):
+    """A tied mT5 whose config does not say which scale its weights expect: one line naming the
+    file and the key, nothing guessed."""
+    _tiny_mt5_torch(True, seed=3).save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config = {k: v for k, v in {**config, **edit}.items() if v is not None}
+    folder = _folder(tmp_path / "edited", tmp_path / "saved", config=config)
+    with pytest.raises(ConfigError) as err:
+        hub.load_t5(folder)
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'config.json'}: {key} on an mt5 config") and "\n" not in msg

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -29,16 +31,22 @@ from parrot_jax.models.vae import AutoencoderKL, VAEConfig
 from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import loop, train_and_evaluate
 from parrot_jax.training.loop import group_prompts
-from parrot_jax.training.metrics import MetricsWriter, read_metrics
+from parrot_jax.training.metrics import check_iteration, read_metrics
 from parrot_jax.training.settings import Settings
-from parrot_jax.workdir import CONFIG_FILE, IncompatibleWorkdirError, check_workdir, config_dict
+from parrot_jax.workdir import (
+    CONFIG_FILE,
+    IncompatibleWorkdirError,
+    check_workdir,
+    config_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("step", "reward/aesthetics/mean", "reward/aesthetics/std",
             "reward/human_preference/mean", "reward/alignment/mean", "reward/sentiment/std",
             "pareto/selected_fraction", "pareto/hypervolume", "t2i/loss", "t2i/approx_kl",
             "t2i/clipfrac", "t2i/ratio_first", "t2i/clipfrac_first", "t2i/approx_kl_first",
-            "t2i/grad_norm", "pen/loss", "reward/nan_count")
+            "t2i/grad_norm", "pen/loss", "reward/invalid_count",
+            "reward/aesthetics/invalid_count")
 
 
 def tiny_config(arg: str = "smoke"):
@@ -105,7 +113,7 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
         # In float32 on CPU the rollout's log-probs are reproduced to well inside the clip.
         assert r["t2i/clipfrac_first"] == 0.0 and r["t2i/approx_kl_first"] < 1e-10
         assert 0 < r["pareto/selected_fraction"] <= 1
-        assert r["reward/nan_count"] == 0
+        assert r["reward/invalid_count"] == 0
         assert r["pareto/hypervolume"] >= 0
     assert "perf/samples_per_sec" in records[-1] and "perf/iteration_seconds" in records[-1]
     assert result["step"] == 2 and not result["preempted"]
@@ -140,18 +148,186 @@ def test_smoke_run_writes_metrics_and_a_checkpoint(smoke):
     assert [e.step for e in events.Images("pareto/scatter")] == [2]
 
 
-def test_resume_is_exact(smoke, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The smoke run for 6 iterations, uninterrupted (checkpoints 4 and 6 kept)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    config = tiny_config("smoke")
+    config.num_iterations = 6
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _checkpoint(workdir, step):
+    """Every array of checkpoint ``step`` (optimizer moments and all), on the host, by path."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_resume_is_exact(smoke, straight, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(smoke[0], resumed)
     config = tiny_config("smoke")
-    config.num_iterations = 4
+    config.num_iterations = 6
     train_and_evaluate(config, resumed)
-    straight = tmp_path / "straight"
-    train_and_evaluate(config, straight)
     a, b = read_metrics(resumed), read_metrics(straight)
-    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
     assert _no_timings(a) == _no_timings(b)
-    assert sorted(os.listdir(resumed / "checkpoints")) == ["2", "4"]
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["4", "6"]  # max_to_keep=2
+
+
+def test_kill_9_after_a_checkpoint_resumes_to_the_uninterrupted_run(straight, tmp_path):
+    """train.py killed with SIGKILL once checkpoint 2 is on disk and iteration 3 is logged,
+    then rerun: metrics.jsonl and TensorBoard hold each step once, and every metric and every
+    array of the final checkpoint equal the uninterrupted run's."""
+    workdir = tmp_path / "w"
+    proc = _train_py(workdir, "--config.num_iterations=6")
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 400
+    while not ((workdir / "checkpoints" / "2").is_dir() and metrics.is_file()
+               and len(read_metrics(workdir)) >= 3):  # orbax finalises checkpoints async
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint 2 and iteration 3 after 400 s"
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    logged = [r["step"] for r in read_metrics(workdir)]
+    assert logged[:3] == [1, 2, 3] and logged == list(range(1, len(logged) + 1))
+    assert sorted(p for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == ["2"]
+    proc = _train_py(workdir, "--config.num_iterations=6")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    dropped = re.search(r"Dropped (\d+) metrics.jsonl records and (\d+) TensorBoard events "
+                        r"after iteration 2 ", out)
+    assert dropped and int(dropped[1]) == len(logged) - 2 <= int(dropped[2]), out[-3000:]
+    records, expected = read_metrics(workdir), read_metrics(straight)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert _no_timings(records) == _no_timings(expected)
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("t2i/loss")] == [
+        (r["step"], pytest.approx(r["t2i/loss"])) for r in records]
+    assert [e.step for e in events.Images("eval/grid")] == [2, 4, 6]
+    got, want = _checkpoint(workdir, 6), _checkpoint(straight, 6)
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_damaged_checkpoint_is_skipped_with_one_warning(straight, tmp_path, capfd, caplog):
+    """The latest checkpoint's data files truncated: resume warns once, naming it and the
+    iteration it falls back to, sets it aside, and repeats the iterations to the same result;
+    TensorStore's hundreds of lines stay out of the output. With no readable checkpoint left,
+    train.py stops in one line and moves nothing."""
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    for f in (workdir / "checkpoints" / "6" / "state" / "d").iterdir():
+        os.truncate(f, 100)
+    config = tiny_config("smoke")
+    config.num_iterations = 6
+    caplog.set_level(logging.WARNING)
+    train_and_evaluate(config, workdir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert re.fullmatch(rf"checkpoint {workdir}/checkpoints/6 cannot be restored \(ValueError: "
+                        r".{20,300}\); falling back to iteration 4", warnings[0]), warnings[0]
+    assert warnings[1] == (f"checkpoint {workdir}/checkpoints/6 moved to "
+                           f"{workdir}/checkpoints.damaged/6")
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err and "Traceback" not in err
+    assert _no_timings(read_metrics(workdir)) == _no_timings(read_metrics(straight))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
+    assert os.listdir(workdir / "checkpoints.damaged") == ["6"]
+
+    (workdir / "checkpoints" / "6" / "state" / "_METADATA").write_text("")
+    (workdir / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--config", f"{ROOT}/configs/tiny.py:smoke", f"--workdir={workdir}",
+                    "--config.num_iterations=8", "--noretain_host_memory"])
+    assert exit_.value.code == 1
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"python train.py: stopped: {workdir}/checkpoints: no checkpoint can "
+                           "be restored (6: JSONDecodeError: Expecting value: line 1 column 1 "
+                           "(char 0); 4: JSONDecodeError: "), line
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_the_whole_loop_on_one_device_equals_eight(smoke, tmp_path):
+    """train.py on 1 CPU device vs the smoke run on 8: the same metrics (the batch split and
+    every reduction's order differ, so to 1e-5 relative) and the same trained weights, to the
+    size of float32 rounding carried through two Adam steps."""
+    proc = _train_py(tmp_path, devices=1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "1 devices (cpu); mesh {'data': 1, 'fsdp': 1}" in out
+    one, eight = _no_timings(read_metrics(tmp_path)), _no_timings(read_metrics(smoke[0]))
+    assert [r["step"] for r in one] == [1, 2]
+    for a, b in zip(one, eight):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    got, want = _checkpoint(tmp_path, 2), _checkpoint(smoke[0], 2)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_non_finite_rewards_and_a_diverged_state(smoke, tmp_path, monkeypatch, caplog):
+    """An +inf reward at iteration 1 (log_every=2, checkpoint_every=1): its sample is invalid,
+    counted and named, and the run goes on with finite weights; a NaN in the trained weights
+    at iteration 3 stops the run before anything of iteration 3 is written, truthfully."""
+    from parrot_jax.rewards.reward_set import PendingRewards
+
+    result, calls = PendingRewards.result, []
+
+    def one_inf(self, timeout=None):
+        rewards = result(self, timeout)
+        calls.append(1)
+        return rewards.at[5, 0].set(np.inf) if len(calls) == 1 else rewards
+
+    iteration = loop.parrot_iteration
+
+    def diverge(run, state, *args):
+        new, *rest = iteration(run, state, *args)
+        if int(new["step"]) == 3:
+            new["t2i"]["trainable"] = jax.tree.map(lambda x: x * np.nan,
+                                                   new["t2i"]["trainable"])
+        return (new, *rest)
+
+    monkeypatch.setattr(PendingRewards, "result", one_inf)
+    monkeypatch.setattr(loop, "parrot_iteration", diverge)
+    config = tiny_config("smoke")
+    config.num_iterations, config.log_every, config.checkpoint_every = 4, 2, 1
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(FloatingPointError) as error:
+        train_and_evaluate(config, tmp_path)
+    assert str(error.value) == (
+        "iteration 3: non-finite values in the state's t2i/trainable; stopping before anything "
+        "of iteration 3 is written (the last checkpoint, iteration 2, holds finite weights)")
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]  # a record at every checkpoint
+    assert records[0]["reward/invalid_count"] == 1
+    assert records[0]["reward/aesthetics/invalid_count"] == 1
+    assert records[0]["reward/alignment/invalid_count"] == 0
+    assert records[1]["reward/invalid_count"] == 0
+    assert all(np.isfinite(v) for r in records for v in r.values())
+    warnings = [r.getMessage() for r in caplog.records if "non-finite reward" in r.getMessage()]
+    assert warnings == ["iteration 1: 1 samples have a non-finite reward (NaN or inf: "
+                        "aesthetics (1)); they are left out of the selection and the updates"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    for step in (1, 2):
+        assert all(np.isfinite(v).all() for v in _checkpoint(tmp_path, step).values()
+                   if np.issubdtype(v.dtype, np.floating))
+    assert sorted(os.listdir(tmp_path / "eval")) == ["grid_000002.png", "pareto_000002.png"]
 
 
 def test_incompatible_workdir_is_refused_and_untouched(smoke, tmp_path):
@@ -285,8 +461,8 @@ def test_group_prompts_share_a_prompt_and_its_identifier():
     np.testing.assert_array_equal(k, [0, 1, 2, 3, 0, 1, 2, 3])
 
 
-def _train_py(workdir, *overrides):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+def _train_py(workdir, *overrides, devices=8):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT}/configs/tiny.py:smoke",
@@ -340,13 +516,12 @@ def test_scalarised_presets_drop_the_pareto_filter():
         tiny_config("smoke,nonsense")
 
 
-def test_nan_loss_stops_naming_iteration_and_metric(tmp_path):
-    writer = MetricsWriter(tmp_path)
-    writer.add(7, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(1.0)})
-    writer.add(8, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(np.nan)})
+def test_nan_loss_stops_naming_iteration_and_metric():
+    check_iteration(7, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(1.0)}, ())
     with pytest.raises(FloatingPointError, match="iteration 8: pen/loss is nan"):
-        writer.flush()
-    assert not (tmp_path / "metrics.jsonl").exists()
+        check_iteration(8, {"t2i/loss": np.float32(0.5), "pen/loss": np.float32(np.nan)}, ())
+    with pytest.raises(FloatingPointError, match="iteration 9: t2i/grad_norm is inf"):
+        check_iteration(9, {"t2i/grad_norm": np.float32(np.inf)}, ())
 
 
 def test_front_hypervolume():

@@ -178,12 +178,18 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     return pairs
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """RL prompts, Promptist's layout: one prompt per line, stripped. Blank lines are errors."""
+def read_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``read_prompts`` with each prompt's 1-based line number: later checks of the whole file
+    (e.g. a prompt too long for the PEN) name ``path:line`` from the reader itself."""
     path = Path(path)
     prompts = []
     for number, line in _lines(path):
         if not line.strip():
             raise DatasetError(f"{path}:{number}: blank line (one prompt per line)")
-        prompts.append(line.strip())
+        prompts.append((number, line.strip()))
     return _non_empty(prompts, path, "prompts")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """RL prompts, Promptist's layout: one prompt per line, stripped. Blank lines are errors."""
+    return [prompt for _, prompt in read_prompt_lines(path)]

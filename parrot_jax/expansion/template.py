@@ -85,6 +85,22 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int,
     return tokenize(tokenizer, formatted, max_length, what="prompt")
 
 
+def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Each text's token count with the tokenizer's special tokens, as ``tokenize`` (and a
+    ``padding='max_length'`` call without truncation) counts it: up-front checks of whole prompt
+    files compare exactly what tokenisation would refuse later."""
+    # verbose=False: over-long texts are what is being measured, not a mistake to warn about
+    ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    return [len(row) for row in ids]
+
+
+def prompt_token_counts(tokenizer: Any, prompts: Sequence[str],
+                        template: InstructionTemplate = InstructionTemplate()) -> list[int]:
+    """PEN tokens of each templated user prompt: what ``tokenize_prompts`` compares with its
+    ``max_length`` (``config.data.max_prompt_length``)."""
+    return token_counts(tokenizer, [template.format(p) for p in prompts])
+
+
 def decode(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray | None = None) -> list[str]:
     """Generated ids ``[B, N]`` (and their mask) -> texts, special tokens skipped."""
     tokens = np.asarray(tokens)

@@ -14,8 +14,9 @@ Facts of the architecture this module reproduces:
   a learned relative-position bias per head is added instead. The bias table lives in block 0's
   self-attention of each stack and is shared by every later block of that stack; positions are
   bucketed bidirectionally in the encoder and causally in the decoder. Cross-attention has none.
-* With a tied head the decoder output is multiplied by ``d_model ** -0.5`` before the projection
-  onto the shared embedding (``scale_decoder_outputs``).
+* The original T5 (tied head) multiplies the decoder output by ``d_model ** -0.5`` before the
+  projection onto the vocabulary (``scale_decoder_outputs``); T5 v1.1 / FLAN-T5 do not, and
+  transformers' mT5 never does (``T5Config.from_transformers`` reads which from config.json).
 
 Dropout is not implemented: every function here is deterministic (inference and RL fine-tuning
 with dropout off, which is what the Parrot PEN needs). transformers' float16 overflow clamping is
@@ -106,11 +107,12 @@ class T5Config:
         Reads configs written by transformers 4 (``tie_word_embeddings`` says whether the head is
         tied and, with it, whether outputs are rescaled) and by transformers 5, which always
         writes ``tie_word_embeddings: true`` and records the rescale as ``scale_decoder_outputs``;
-        there a separate head shows only in the weights, which ``hub.load_t5`` inspects.
+        there a separate head shows only in the weights, which ``hub.load_t5`` inspects. Whether
+        the decoder output is rescaled follows ``_decoder_rescale`` (mT5 differs from T5).
         """
         r = ConfigReader(config, source, ignored=_IGNORED_KEYS)
         pos = lambda key, default: r.get(key, default, is_positive_int, "a positive int")  # noqa: E731
-        r.require("model_type", ("t5", "mt5"), default="t5")
+        model_type = r.require("model_type", ("t5", "mt5"), default="t5")
         r.require("is_encoder_decoder", True, default=True)
         for key, neutral in [("is_decoder", False), ("tie_encoder_decoder", False),
                              ("pruned_heads", {})]:
@@ -131,7 +133,12 @@ class T5Config:
             elif distance <= buckets // 2:
                 r.problems.append(f"relative_attention_max_distance={distance} (must exceed "
                                   f"relative_attention_num_buckets // 2 = {buckets // 2})")
-        tie = r.get("tie_word_embeddings", True, lambda v: isinstance(v, bool), "a bool")
+        tie = r.get("tie_word_embeddings", None, lambda v: v is None or isinstance(v, bool),
+                    "a bool")
+        scale = r.get("scale_decoder_outputs", None, lambda v: v is None or isinstance(v, bool),
+                      "a bool")
+        if isinstance(tie, bool | None) and isinstance(scale, bool | None):
+            scale = _decoder_rescale(model_type, tie, scale, config.get("transformers_version"), r)
         token = lambda key, default: r.get(key, default, lambda v: v is None or is_int(v),  # noqa: E731
                                            "None or an int")
         kwargs = dict(
@@ -148,15 +155,51 @@ class T5Config:
                                      lambda v: isinstance(v, (int, float)) and v > 0,
                                      "a positive number"),
             feed_forward_proj=ff,
-            tie_word_embeddings=tie,
-            scale_decoder_outputs=r.get("scale_decoder_outputs", tie is not False,
-                                        lambda v: isinstance(v, bool), "a bool"),
+            tie_word_embeddings=tie is not False,
+            scale_decoder_outputs=scale,
             pad_token_id=token("pad_token_id", 0),
             eos_token_id=token("eos_token_id", 1),
             decoder_start_token_id=token("decoder_start_token_id", None),
         )
         r.finish()
         return cls(**kwargs)
+
+
+def _major_version(version: Any) -> int | None:
+    """The major version of a ``transformers_version`` string ("4.23.1" -> 4); None if absent or
+    unreadable."""
+    head = version.split(".", 1)[0] if isinstance(version, str) else ""
+    return int(head) if head.isdigit() else None
+
+
+def _decoder_rescale(model_type: str, tie: bool | None, scale: bool | None, version: Any,
+                     r: ConfigReader) -> bool:
+    """Whether transformers multiplies the decoder output by ``d_model ** -0.5`` for this config.
+
+    transformers 5 (``T5Config.__post_init__``, ``MT5Config.__post_init__``, the two
+    ``forward``s): T5 rescales iff ``scale_decoder_outputs``, which defaults to
+    ``tie_word_embeddings is not False`` when absent; mT5 never rescales and forces
+    ``tie_word_embeddings: true`` into the configs it writes. transformers 4 rescaled both iff
+    ``tie_word_embeddings`` (T5's default true; it never wrote ``scale_decoder_outputs``). The
+    two agree for every T5 config and for an mT5 one saying ``tie_word_embeddings: false`` (all
+    published mT5 checkpoints); an mT5 config saying ``true`` (or nothing) is unambiguous only
+    when transformers 5 wrote it. The rest, and an mT5 config asking for the rescale
+    transformers 5 would ignore, are recorded as problems rather than guessed.
+    """
+    if model_type != "mt5":  # "t5" (another value is already a recorded problem)
+        return scale if scale is not None else tie is not False
+    if scale is True:
+        r.problems.append("scale_decoder_outputs=True on an mt5 config (transformers' mT5 never "
+                          "rescales; model_type 't5' is the same architecture with the rescale)")
+    elif scale is None and tie is not False and (_major_version(version) or 0) < 5:
+        key = "tie_word_embeddings=True" if tie else "tie_word_embeddings absent"
+        written = (f"transformers {version}" if _major_version(version) is not None
+                   else "an unknown transformers version")
+        r.problems.append(
+            f"{key} on an mt5 config written by {written}: transformers 4 rescaled the decoder "
+            "output by d_model**-0.5 when the head was tied, transformers 5 never does; add "
+            "scale_decoder_outputs=false, or set model_type 't5' for the rescale")
+    return False
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,

@@ -14,8 +14,8 @@ group's identifier). Modes:
 - ``weighted_sum``: the scalarised baseline (DPOK-WS): ``r = R @ weights``, normalised, no Pareto.
 - ``single``: one reward for every sample (e.g. "Parrot with HP only"), normalised, no Pareto.
 
-Rows with a NaN reward are never selected, never dominate, are left out of every statistic and
-get advantage 0. Everything is jittable and works on globally sharded arrays.
+Rows with a non-finite reward (NaN or +/-inf) are never selected, never dominate, are left out
+of every statistic and get advantage 0. Everything is jittable and works on globally sharded arrays.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class AdvantageConfig:
 
 class Advantages(NamedTuple):
     """advantages ``[N]`` float32; selected ``[N]`` bool (samples that drive the update: the
-    non-dominated set, or every valid sample without Pareto); valid ``[N]`` bool (no NaN)."""
+    non-dominated set, or every valid sample without Pareto); valid ``[N]`` bool (every reward
+    finite)."""
 
     advantages: jax.Array
     selected: jax.Array
@@ -173,12 +174,12 @@ def group_advantages(rewards: jax.Array, reward_ids: jax.Array | None, selected:
     """The PEN's advantage per group ``[G]``: the mean, over the group's ``selected`` samples,
     of the reward each sample maximises (``scalar_rewards``); 0 for a group with none selected.
 
-    rewards ``[N, K]`` (NaN rows never selected), reward_ids / selected ``[N]``. ``mode``:
-    ``raw`` is the paper's (Algorithm 1 weights ``∇log p_φ`` by ``r_k`` itself); ``normalized``
-    first z-scores each reward column over the batch's valid rows, so that groups maximising
-    rewards on different scales (e.g. a preference logit ~15 and a sentiment probability
-    ~0.3) weigh alike and a group's advantage says how far its selected images stand above the
-    batch, in that reward's own units of spread.
+    rewards ``[N, K]`` (rows with a NaN or inf never selected), reward_ids / selected ``[N]``.
+    ``mode``: ``raw`` is the paper's (Algorithm 1 weights ``∇log p_φ`` by ``r_k`` itself);
+    ``normalized`` first z-scores each reward column over the batch's valid rows, so that
+    groups maximising rewards on different scales (e.g. a preference logit ~15 and a sentiment
+    probability ~0.3) weigh alike and a group's advantage says how far its selected images
+    stand above the batch, in that reward's own units of spread.
     """
     if mode not in PEN_MODES:
         raise ValueError(f"PEN advantage mode {mode!r}; expected one of {PEN_MODES}")

@@ -1,7 +1,8 @@
 """Batch-wise Pareto (non-dominated) selection over reward vectors (Parrot's NDSet, Algorithm 1).
 
 Rewards are maximised. Row ``j`` dominates row ``i`` iff ``R[j] >= R[i]`` on every reward and
-``>`` on at least one. A row with a NaN (or marked invalid) is never selected and never dominates,
+``>`` on at least one. A row with a non-finite reward (NaN or +/-inf: a broken reward model or
+image, never a real score) or marked invalid is never selected and never dominates,
 and identical rows do not dominate each other, so both are kept.
 
 The masks are one vectorised pairwise comparison (``[N, N]`` booleans, built one reward at a time
@@ -18,8 +19,10 @@ import numpy as np
 
 
 def valid_rows(rewards: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """bool ``[N]``: rows of ``rewards [N, K]`` without NaN (and with ``valid`` set, if given)."""
-    ok = ~jnp.any(jnp.isnan(rewards), axis=-1)
+    """bool ``[N]``: rows of ``rewards [N, K]`` whose rewards are all finite (and with ``valid``
+    set, if given). +inf is as invalid as NaN: it would dominate every row and make the
+    advantages inf or NaN."""
+    ok = jnp.all(jnp.isfinite(rewards), axis=-1)
     return ok if valid is None else ok & jnp.asarray(valid, bool)
 
 
@@ -123,16 +126,16 @@ def pareto_ranks(rewards: jax.Array, valid: jax.Array | None = None) -> jax.Arra
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     """Exact volume dominated by ``points [N, K]`` (maximised) and dominating ``reference [K]``.
 
-    Host-side numpy, for logging a batch's front. Rows with NaN are ignored; coordinates below the
-    reference contribute nothing. Exact for any K by slicing along the last objective (cost grows
-    as N^(K-1): fine for batch fronts with K <= 4).
+    Host-side numpy, for logging a batch's front. Rows with a NaN or inf are ignored;
+    coordinates below the reference contribute nothing. Exact for any K by slicing along the
+    last objective (cost grows as N^(K-1): fine for batch fronts with K <= 4).
     """
     points = np.asarray(points, np.float64)
     reference = np.asarray(reference, np.float64)
     if points.ndim != 2 or reference.shape != points.shape[1:]:
         raise ValueError(f"hypervolume: points must be [N, K] and reference [K]; got "
                          f"{points.shape} and {reference.shape}")
-    points = points[~np.any(np.isnan(points), axis=1)]
+    points = points[np.all(np.isfinite(points), axis=1)]
     points = np.maximum(points, reference) - reference  # reference at the origin
     points = points[np.all(points > 0, axis=1)]
     return float(_hv(points))
@@ -164,11 +167,12 @@ def _hv(points: np.ndarray) -> float:
 
 
 def front_hypervolume(rewards: np.ndarray, reference: np.ndarray | None) -> float:
-    """Hypervolume of the batch's non-dominated front ``rewards [B, K]`` (NaN rows ignored),
-    measured from ``reference [K]``, or, with None, from each reward's minimum over the valid
-    rows (so it compares fronts within a run; points on the minimum contribute nothing)."""
+    """Hypervolume of the batch's non-dominated front ``rewards [B, K]`` (rows with a NaN or
+    inf ignored), measured from ``reference [K]``, or, with None, from each reward's minimum
+    over the valid rows (so it compares fronts within a run; points on the minimum contribute
+    nothing)."""
     rewards = np.asarray(rewards, np.float64)
-    valid = rewards[~np.any(np.isnan(rewards), axis=1)]
+    valid = rewards[np.all(np.isfinite(rewards), axis=1)]
     if len(valid) == 0:
         return 0.0
     ref = valid.min(axis=0) if reference is None else reference

@@ -15,7 +15,9 @@ images' reward vectors, and the mean over prompts of each prompt's. Writes
                                    differ, every image's reward vector}}
 
 and returns it; ``table`` renders it for the console. ``final_evaluation_of`` does the same for
-a finished workdir (its config.json, untrained models and latest checkpoint).
+a finished workdir (its config.json, untrained models and latest checkpoint). The prompt file
+is checked whole first (``check_prompt_lengths``: the PEN's input and the text encoder's
+context); a prompt that does not fit raises ``DatasetError`` naming its ``file:line``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from parrot_jax import plugins, policy, scoring
-from parrot_jax.data.promptist import read_prompts
+from parrot_jax.data.prompts import check_prompt_lengths, inference_limits, read_prompt_list
 from parrot_jax.policy import Policy, Samples
 from parrot_jax.precision import matmul_precision
 from parrot_jax.training.settings import FinalEval, final_eval
@@ -48,7 +50,11 @@ def final_evaluation(fe: FinalEval, base: Policy, trained: Policy, workdir: str 
 
 def _evaluate(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path,
               filename: str, w1: float | None) -> dict[str, Any]:
-    prompts = read_prompts(fe.prompts)
+    prompts = read_prompt_list(fe.prompts)
+    # The whole file, before either model samples: a prompt that does not fit fails here,
+    # naming its line, not after the base model's chunks (training checked it at set-up too).
+    check_prompt_lengths(prompts, inference_limits(trained.models,
+                                                   trained.config.data.max_prompt_length))
     names = list(trained.models.rewards.names)
     metrics = plugins.image_metrics(fe.image_metrics)
     w1 = fe.w1 if w1 is None else w1

@@ -22,17 +22,22 @@ One iteration over G groups x N images (``parrot_iteration``):
    do not dominate; ``pen.advantage='normalized'`` z-scores each reward over the batch first.
 
 Everything after the prompts' text handling runs on device, with the batch sharded over
-``('data', 'fsdp')``; metrics are fetched only at log steps (``metrics.jsonl`` and TensorBoard
-scalars). Every ``eval_every`` iterations ``visualize.write_pictures`` saves an image grid and the
-batch's reward scatter. On several hosts every process draws the same G prompts and runs the
-(small, replicated) PEN and tokenisation identically; the image batch is split across hosts.
-The whole state is checkpointed with orbax (``training.state``); SIGTERM saves and returns.
+``('data', 'fsdp')``. Each iteration fetches only its guarded scalars (losses, gradient norms,
+invalid-reward counts: ``metrics.check_iteration``), before anything of it is written; the rest
+is fetched at log steps and at checkpoints (``metrics.jsonl`` and TensorBoard scalars). Every
+``eval_every`` iterations ``visualize.write_pictures`` saves an image grid and the batch's reward
+scatter. On several hosts every process draws the same G prompts and runs the (small,
+replicated) PEN and tokenisation identically; the image batch is split across hosts. The whole
+state is checkpointed with orbax (``training.state``), only when every value in it is finite;
+SIGTERM saves and returns. A resume restores the latest checkpoint that reads back (skipping a
+damaged one, ``workdir.restore_latest``) and cuts the logs back to it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +52,7 @@ from jax.sharding import NamedSharding
 
 from parrot_jax import config as schema
 from parrot_jax import parallel, policy
+from parrot_jax.data.promptist import DatasetError
 from parrot_jax.data.prompts import draw_prompts, load_prompts
 from parrot_jax.expansion import (
     assign_identifiers,
@@ -56,14 +62,20 @@ from parrot_jax.expansion import (
     tokenize_conditioning,
     tokenize_prompts,
 )
-from parrot_jax.loading import frozen_dtype, load_models, store_as
+from parrot_jax.loading import TOKENIZER_DIR, frozen_dtype, load_models, store_as
 from parrot_jax.precision import matmul_precision
 from parrot_jax.rl import AdvantageConfig, compute_advantages, group_advantages
 from parrot_jax.rl.pareto import front_hypervolume
 from parrot_jax.training import visualize
-from parrot_jax.training.metrics import MetricsWriter, host
+from parrot_jax.training.metrics import (
+    INVALID,
+    MetricsWriter,
+    check_iteration,
+    host,
+    truncate_metrics,
+)
 from parrot_jax.training.preemption import Preemption
-from parrot_jax.training.settings import Settings
+from parrot_jax.training.settings import Settings, check_prompt_files
 from parrot_jax.training.state import (
     Run,
     compile_ahead,
@@ -72,11 +84,16 @@ from parrot_jax.training.state import (
     untrained_params,
 )
 from parrot_jax.training.step import T2IBatch, T2ITrainState, batch_shardings, minibatch
-from parrot_jax.training.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
+from parrot_jax.training.tensorboard import (
+    TENSORBOARD_DIR,
+    TensorBoardWriter,
+    truncate_events,
+)
 from parrot_jax.workdir import (
     check_workdir,
     checkpoint_manager,
     config_dict,
+    nonfinite_parts,
     restore_latest,
     save,
     write_config,
@@ -114,12 +131,14 @@ def _advantages(config: AdvantageConfig, group_size: int, names: tuple[str, ...]
     count = jnp.maximum(jnp.sum(adv.valid), 1)
     mean = jnp.sum(jnp.where(ok, rewards, 0.0), axis=0) / count
     std = jnp.sqrt(jnp.sum(jnp.where(ok, (rewards - mean) ** 2, 0.0), axis=0) / count)
+    bad = jnp.sum(~jnp.isfinite(rewards), axis=0).astype(jnp.float32)  # [K]
     metrics = {"pareto/selected_fraction": jnp.mean(adv.selected.astype(jnp.float32)),
-               "reward/nan_count": jnp.sum(~adv.valid).astype(jnp.float32),
+               INVALID: jnp.sum(~adv.valid).astype(jnp.float32),
                "advantage/mean_abs": jnp.mean(jnp.abs(adv.advantages))}
     for i, name in enumerate(names):
         metrics[f"reward/{name}/mean"] = mean[i]
         metrics[f"reward/{name}/std"] = std[i]
+        metrics[f"reward/{name}/invalid_count"] = bad[i]
     return adv, tracker, pen_adv, metrics
 
 
@@ -210,11 +229,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
                  jax.process_count(), mesh.size, jax.devices()[0].platform, dict(mesh.shape))
     check_workdir(config, workdir)
     logging.info("Loading prompts (%s)", config.data.prompts)
-    prompts = load_prompts(config.data.prompts)
+    prompts = load_prompts(config.data.prompts)  # with each prompt's file:line
     logging.info("Loading models (T2I %s, PEN %s, rewards %s)", config.model.pretrained,
                  config.model.pen, config.model.rewards)
+    tokenizers = Path(workdir) / TOKENIZER_DIR
+    new_tokenizers = not tokenizers.exists()
     models = load_models(config, workdir, mesh, prompts)
     settings = Settings.of(config, mesh.size, len(models.rewards.names))
+    try:  # every prompt list, whole, before any iteration: not at the draw that meets it
+        check_prompt_files(config, prompts, models)
+    except DatasetError:
+        # The tiny tokenizers load_models just built from these prompts go too: a failed
+        # start leaves the workdir as it was, so the corrected rerun builds its own.
+        if new_tokenizers and jax.process_index() == 0:
+            shutil.rmtree(tokenizers, ignore_errors=True)
+        raise
     logging.info("Sizes: %s; %d DDIM steps; %d iterations", settings.sizes.describe(),
                  config.sample.num_steps, config.num_iterations)
     models.place(parallel.replicated(mesh), frozen_dtype(config))
@@ -238,7 +267,8 @@ def _progress(step: int, total: int, eta: float, record: dict[str, float]) -> No
                  step, total, eta, ", ".join(
                      f"{k} {v:.4g}" for k, v in record.items()
                      if k.startswith(("reward/", "t2i/loss", "pen/loss", "perf/samples"))
-                     and "/std" not in k))
+                     and not k.endswith(("/std", "/invalid_count"))
+                     or k == INVALID and v > 0))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -261,6 +291,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         return _train(run, state, workdir)
 
 
+def _saved(step: int | None) -> str:
+    return ("no checkpoint has been saved" if step is None
+            else f"the last checkpoint, iteration {step}, holds finite weights")
+
+
+def _cut_logs(workdir: Path, step: int) -> None:
+    """Process 0 cuts ``metrics.jsonl`` and the TensorBoard events back to ``step``: the
+    iterations logged after the restored checkpoint run again and log themselves again."""
+    if jax.process_index() != 0:
+        return
+    dropped = (truncate_metrics(workdir, step), truncate_events(workdir / TENSORBOARD_DIR, step))
+    if any(dropped):
+        logging.info("Dropped %d metrics.jsonl records and %d TensorBoard events after iteration "
+                     "%d (logged after the checkpoint this run resumes from)", *dropped, step)
+
+
 def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
     s = run.settings
     reference = None if s.hypervolume_reference is None else np.asarray(s.hypervolume_reference)
@@ -269,6 +315,8 @@ def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
     if restored is not None:
         logging.info("Resuming from the checkpoint at iteration %d", restored)
     step = int(state["step"])
+    _cut_logs(workdir, step)
+    saved = restored  # the last checkpoint written or restored
     tensorboard = (TensorBoardWriter(workdir / TENSORBOARD_DIR) if jax.process_index() == 0
                    else None)
     writer = MetricsWriter(workdir, tensorboard)
@@ -283,6 +331,11 @@ def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
                 started = time.perf_counter()
                 state, metrics, rewards, selected = parrot_iteration(run, state)
                 step += 1
+                try:  # every iteration, before anything of it is written
+                    check_iteration(step, metrics, run.models.rewards.names)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e}; stopping before anything of iteration {step} "
+                                             f"is written ({_saved(saved)})") from None
                 writer.add(step, metrics)
                 if timer is None:
                     jax.block_until_ready(state["step"])
@@ -291,7 +344,17 @@ def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
                                  time.perf_counter() - started)
                 else:
                     timer = (timer[0], timer[1] + 1)
-                if step % s.log_every == 0 or step == s.num_iterations:
+                stop = preemption.requested or manager.reached_preemption(step)
+                checkpoint = step % s.checkpoint_every == 0 or step == s.num_iterations or stop
+                bad = nonfinite_parts(state) if checkpoint else []
+                if bad:
+                    raise FloatingPointError(
+                        f"iteration {step}: non-finite values in the state's {', '.join(bad)}; "
+                        f"stopping before anything of iteration {step} is written "
+                        f"({_saved(saved)})")
+                # A record at every checkpoint too (written before it: a kill in between loses
+                # nothing), so that a resume loses no iteration's metrics and logs none twice.
+                if step % s.log_every == 0 or checkpoint:
                     extra = {"pareto/hypervolume": front_hypervolume(host(rewards), reference)}
                     seconds = (time.perf_counter() - timer[0]) / max(timer[1], 1)
                     if timer[1]:
@@ -305,9 +368,9 @@ def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
                 if step % s.eval_every == 0:
                     visualize.write_pictures(run, state, step, rewards, selected, workdir,
                                              tensorboard)
-                stop = preemption.requested or manager.reached_preemption(step)
-                if step % s.checkpoint_every == 0 or step == s.num_iterations or stop:
+                if checkpoint:
                     save(manager, step, state)
+                    saved = step
                 if stop:
                     result["preempted"] = True
                     logging.warning("stopped at iteration %d after a preemption signal; the "

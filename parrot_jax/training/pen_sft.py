@@ -48,7 +48,8 @@ from parrot_jax.expansion.scoring import token_log_probs
 from parrot_jax.expansion.template import InstructionTemplate
 from parrot_jax.models.lora import LoRA, init_lora, merge
 from parrot_jax.models.t5 import T5Config, T5ForConditionalGeneration
-from parrot_jax.workdir import CHECKPOINT_DIR, checkpoint_manager
+from parrot_jax.training.metrics import truncate_metrics
+from parrot_jax.workdir import CHECKPOINT_DIR, checkpoint_manager, restore_latest, save
 
 FILE_FORMATS = ("jsonl", "tsv", "rephrase")
 DATA_FORMATS = ("synthetic", "tfds") + FILE_FORMATS
@@ -385,11 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     manager = checkpoint_manager(workdir, config.max_to_keep)
     result: dict[str, float] = {}
-    latest = manager.latest_step()
+    state, latest = restore_latest(manager, state, unit="step")
+    if jax.process_index() == 0:  # records after the checkpoint are written again
+        truncate_metrics(workdir, -1 if latest is None else latest)
     if latest is not None:
         logging.info("Resuming from the checkpoint at step %d", latest)
-        state = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state))).state
     else:
         result["initial_eval_loss"] = evaluate(state["trainable"])
         _write_metrics(workdir, {"step": 0, "eval_loss": result["initial_eval_loss"]})
@@ -423,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
             result.update(record)
         if step % config.checkpoint_every == 0 or step == config.num_train_steps:
-            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+            save(manager, step, state)
     manager.wait_until_finished()
     manager.close()
     result["step"] = step
@@ -459,7 +460,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parallel.initialize_distributed(distributed, **launch)
     except parallel.LaunchError as e:
         cli.fail(PROG, f"--coordinator_address: {e}")
-    return train_and_evaluate(args.config, args.workdir)
+    from parrot_jax.workdir import CheckpointError
+
+    try:
+        return train_and_evaluate(args.config, args.workdir)
+    except (DatasetError, FileNotFoundError) as e:  # bad input
+        cli.fail(PROG, str(e))
+    except (FloatingPointError, CheckpointError) as e:  # the run cannot go on
+        cli.halt(PROG, str(e))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,27 @@
 ``Settings.of(config, devices, num_rewards)`` turns a config that ``parrot_jax.config.check``
 accepted into frozen dataclasses (the T2I update's, the advantages', the PEN's sampling and
 REINFORCE settings, the batch sizes), adding the checks that need the device count or the
-number of rewards. The iteration reads these, never the ConfigDict.
+number of rewards. The iteration reads these, never the ConfigDict. ``check_prompt_files``
+adds the checks that need the loaded tokenizers: every prompt list fits where it is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import ml_collections
 
 from parrot_jax.config import ConfigError
 from parrot_jax.data.promptist import read_prompts
+from parrot_jax.data.prompts import (
+    PromptList,
+    check_prompt_lengths,
+    config_prompt_list,
+    inference_limits,
+    pen_limit,
+    read_prompt_list,
+)
 from parrot_jax.expansion import PENRLConfig, SamplingConfig, parse_identifiers
 from parrot_jax.rl import AdvantageConfig
 from parrot_jax.training.metrics import parse_reference
@@ -180,3 +190,21 @@ def final_eval(fe: ml_collections.ConfigDict, num_rewards: int) -> FinalEval | N
     return FinalEval(prompts=fe.prompts, num_images=fe.num_images, identifiers=tuple(ids),
                      w1=float(fe.w1), w2=float(fe.w2), seed=fe.seed,
                      batch_prompts=fe.batch_prompts, image_metrics=fe.image_metrics)
+
+
+def check_prompt_files(config: ml_collections.ConfigDict, prompts: PromptList,
+                       models: Any) -> None:
+    """Every prompt list of a run, each whole and at set-up, against the limits of where it is
+    used, so that a prompt that would stop the run at its draw (on every resume: draws are a
+    pure function of seed and position), at an evaluation grid or at the closing evaluation
+    stops it before the first iteration instead, naming its ``file:line``: the RL prompts
+    (``prompts``, ``config.data.prompts``) and ``config.eval_prompts`` go through the PEN
+    (``data.max_prompt_length``); the held-out ``final_eval.prompts`` are sampled as inference
+    does (``inference_limits``: also the text encoder's context). ``models``: the run's
+    ``ParrotModels``. Raises ``DatasetError``."""
+    pen = pen_limit(models.pen_tokenizer, config.data.max_prompt_length)
+    check_prompt_lengths(prompts, [pen])
+    check_prompt_lengths(config_prompt_list(config.eval_prompts, "eval_prompts"), [pen])
+    if config.final_eval.prompts:
+        check_prompt_lengths(read_prompt_list(config.final_eval.prompts),
+                             inference_limits(models, config.data.max_prompt_length))

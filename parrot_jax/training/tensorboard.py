@@ -1,9 +1,11 @@
 """TensorBoard event files without TensorFlow: scalars and PNG images, written with the
-``tensorboard`` package's own event writer and protos (the run's ``workdir/tensorboard``)."""
+``tensorboard`` package's own event writer and protos (the run's ``workdir/tensorboard``), and
+cut back to a resumed checkpoint's step (``truncate_events``)."""
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Mapping
 
@@ -15,6 +17,44 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from parrot_jax.training.visualize import png_bytes
 
 TENSORBOARD_DIR = "tensorboard"
+EVENTS_PREFIX = "events.out.tfevents."
+
+
+def _records(data: bytes) -> list[bytes]:
+    """The whole records of a TFRecord file (length u64, its CRC u32, payload, its CRC u32),
+    each with its framing; a last record cut short by a kill is left out."""
+    out, at = [], 0
+    while at + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        end = at + 12 + length + 4
+        if end > len(data):
+            break
+        out.append(data[at:end])
+        at = end
+    return out
+
+
+def truncate_events(logdir: str | os.PathLike, step: int) -> int:
+    """Drop the events after ``step`` from every events file in ``logdir`` (a resumed run
+    logs those iterations again; TensorBoard would show both), and any last record cut short
+    by a kill; files are replaced atomically. Returns how many events were dropped."""
+    dropped = 0
+    if not os.path.isdir(logdir):
+        return 0
+    for name in sorted(os.listdir(logdir)):
+        if not name.startswith(EVENTS_PREFIX) or name.endswith(".tmp"):
+            continue
+        path = os.path.join(logdir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        records = _records(data)
+        kept = [r for r in records if Event.FromString(r[12:-4]).step <= step]
+        if len(kept) < len(records) or sum(map(len, records)) < len(data):
+            dropped += len(records) - len(kept)
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"".join(kept))
+            os.replace(path + ".tmp", path)
+    return dropped
 
 
 class TensorBoardWriter:
