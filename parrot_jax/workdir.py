@@ -14,6 +14,7 @@ read it.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 from collections.abc import Callable
@@ -138,8 +139,9 @@ def _ignoring_abandoned_reads() -> Callable[[], None]:
     """Install a ``sys.unraisablehook`` filter and return its removal. When a restore fails,
     TensorStore still completes the reads orbax abandoned and hands each to orbax's closed
     event loop: one "Event loop is closed" traceback per read (hundreds), some arriving after
-    the failure is raised. The filter drops exactly those; every other unraisable exception
-    reaches the previous hook. Kept for the rest of the process after a failed restore."""
+    the failure is raised, and asyncio logs some as tasks whose error nobody retrieved. The
+    filters drop exactly those; every other unraisable exception and log record still shows.
+    Kept for the rest of the process after a failed restore."""
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
@@ -148,12 +150,23 @@ def _ignoring_abandoned_reads() -> Callable[[], None]:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    # The same abandoned reads can also end as asyncio tasks whose error nobody retrieves.
+    quiet = _AbandonedTasks()
+    std_logging.getLogger("asyncio").addFilter(quiet)
 
     def remove() -> None:
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
+        std_logging.getLogger("asyncio").removeFilter(quiet)
 
     return remove
+
+
+class _AbandonedTasks(std_logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records (abandoned restore reads)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
 
 
 def _all_processes_agree(ok: bool) -> bool:
