@@ -111,11 +111,13 @@ def nonfinite_parts(state: Any) -> list[str]:
     return [name for name, ok in jax.device_get(_finite_parts(state)).items() if not ok]
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
+         checked: bool = False) -> None:
     """Start saving ``state`` at ``step`` (returns once arrays are copied off the devices).
     A state with a NaN or inf anywhere is refused with ``FloatingPointError`` naming its
-    parts, before anything is written: a resume would restore the diverged weights."""
-    bad = nonfinite_parts(state)
+    parts, before anything is written: a resume would restore the diverged weights.
+    ``checked``: the caller has just found ``nonfinite_parts(state)`` empty."""
+    bad = [] if checked else nonfinite_parts(state)
     if bad:
         raise FloatingPointError(f"checkpoint {step} not written: non-finite values in the "
                                  f"state's {', '.join(bad)}")

@@ -369,7 +369,7 @@ def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
                     visualize.write_pictures(run, state, step, rewards, selected, workdir,
                                              tensorboard)
                 if checkpoint:
-                    save(manager, step, state)
+                    save(manager, step, state, checked=True)  # checked above
                     saved = step
                 if stop:
                     result["preempted"] = True
