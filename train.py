@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         schema.check(config)
     except schema.ConfigError as e:
         cli.fail(PROG, str(e))
+    cli.check_workdir(PROG, args.workdir)
     launch = cli.distributed_launch(PROG, args, config.distributed)
     try:  # before anything touches the devices
         parallel.initialize_distributed(config.distributed, **launch)

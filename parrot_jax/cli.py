@@ -191,6 +191,17 @@ def define_distributed_flags(values: flags.FlagValues) -> None:
                          flag_values=values)
 
 
+def check_workdir(prog: str, workdir: str | None) -> None:
+    """``--workdir`` must be a local path or a bucket this installation reaches (``gs://``
+    with gcsfs); anything else exits 2 naming the flag, before JAX starts."""
+    from parrot_jax import storage
+
+    try:
+        storage.path(workdir) if workdir else None
+    except storage.StorageError as e:
+        fail(prog, f"--workdir: {e}")
+
+
 LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 

@@ -27,10 +27,10 @@ def export_pen(workdir: str | Path, out: str | Path, *, step: int | None = None,
                dtype: str = "float32") -> tuple[Path, int]:
     """Write the PEN of the SFT run in ``workdir`` (checkpoint ``step``, default the latest) to
     ``out``; returns ``(out, step)``."""
-    from parrot_jax import export
+    from parrot_jax import export, storage
     from parrot_jax.training import pen_sft
 
-    workdir, out = Path(workdir), Path(out)
+    workdir, out = storage.path(workdir), Path(out)
     path = workdir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {workdir} is not a PEN SFT workdir")

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
-from parrot_jax import architectures, hub, parallel, plugins
+from parrot_jax import architectures, hub, parallel, plugins, storage
 from parrot_jax.data.tokenizer import build_clip_tokenizer, pad_vocabulary, train_t5_tokenizer
 from parrot_jax.diffusion import DDIMSchedule
 from parrot_jax.expansion.identifiers import reward_identifier
@@ -173,15 +174,15 @@ def _clip_corpus(prompts: Sequence[str], num_rewards: int) -> list[str]:
             + [reward_identifier(k) + ", " for k in range(num_rewards)] * 10)
 
 
-def _saved_tokenizer(folder: Path, build) -> Any:
+def _saved_tokenizer(folder: epath.Path, build) -> Any:
     """The tokenizer saved in ``folder``, built (and saved by process 0) the first time."""
     if not (folder / "tokenizer.json").is_file():
         tokenizer = build()
         if jax.process_index() == 0:
-            tokenizer.save_pretrained(folder)
+            storage.save_folder(tokenizer.save_pretrained, folder)
         else:
             return tokenizer
-    return hub.load_tokenizer(folder)
+    return hub.load_tokenizer(storage.local_copy(folder))
 
 
 # --- tiny random models ----------------------------------------------------------------------
@@ -246,7 +247,7 @@ def _tiny_pen(config: ml_collections.ConfigDict, tokenizer: Any, dtype: Any) -> 
 
 # --- full-size random models ----------------------------------------------------------------
 
-def _random_t2i(config: ml_collections.ConfigDict, tokenizers: Path, corpus: list[str],
+def _random_t2i(config: ml_collections.ConfigDict, tokenizers: epath.Path, corpus: list[str],
                 dtype: Any) -> tuple[dict[str, Any], Any]:
     """model.pretrained's UNet, VAE, text encoder and schedule at their architectures with
     random weights, and a stand-in CLIP tokenizer of the text encoder's vocabulary and context
@@ -272,7 +273,7 @@ def _random_t2i(config: ml_collections.ConfigDict, tokenizers: Path, corpus: lis
                 schedule=schedule, latent_shape=(side, side, unet.config.in_channels)), tokenizer
 
 
-def _random_pen(config: ml_collections.ConfigDict, tokenizers: Path, corpus: list[str],
+def _random_pen(config: ml_collections.ConfigDict, tokenizers: epath.Path, corpus: list[str],
                 dtype: Any) -> tuple[Any, Any, Any]:
     """``(module, params, tokenizer)``: model.pen's T5 at its architecture, random, with a
     stand-in tokenizer of its vocabulary size (T5's ids: pad 0, EOS 1)."""
@@ -318,7 +319,7 @@ def load_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
     template = InstructionTemplate()
     m = config.model
     dtype = _dtype(m.dtype)
-    tokenizers = Path(workdir) / TOKENIZER_DIR
+    tokenizers = storage.path(workdir) / TOKENIZER_DIR
     sharding = parallel.batch_sharding(mesh)
     num_rewards = 4
     clip_tokenizer = None

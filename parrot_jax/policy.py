@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from parrot_jax import config as schema
-from parrot_jax import parallel
+from parrot_jax import parallel, storage
 from parrot_jax.data.prompts import load_prompts
 from parrot_jax.diffusion import CFG, PromptCentredGuidance, branch_contexts
 from parrot_jax.diffusion import rollout as scan
@@ -307,10 +307,13 @@ class Policy:
 
 # --- reading a workdir -----------------------------------------------------------------------
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The run's ``workdir/config.json`` as a checked config of today's schema (errors name
     the path)."""
-    workdir = Path(workdir)
+    try:
+        workdir = storage.path(workdir)
+    except storage.StorageError as e:
+        raise RunError(f"--workdir {e}") from None
     if not workdir.is_dir():
         raise RunError(f"--workdir {workdir}: no such directory")
     path = workdir / CONFIG_FILE
@@ -324,14 +327,14 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise RunError(f"{path}: {e}") from e
 
 
-def load(workdir: str | Path, *, step: int | None = None, base: bool = False,
+def load(workdir: str | os.PathLike, *, step: int | None = None, base: bool = False,
          trained: bool = True) -> list[Policy]:
     """The run of ``workdir``: the checkpoint's weights (``step``, default the latest) when
     ``trained``, then the untrained ones when ``base``; both share one set of loaded models.
     Reads ``config.json``, the models it names and, for the trained policy, only the
     checkpoint's trained T2I weights and PEN LoRA (no optimizer, no training state)."""
-    workdir = Path(workdir)
-    config = read_config(workdir)
+    config = read_config(workdir)  # first: a workdir it cannot reach is a RunError
+    workdir = storage.path(workdir)
     chosen = None
     if trained:
         manager = checkpoint_manager(workdir, read_only=True)

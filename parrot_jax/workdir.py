@@ -18,7 +18,6 @@ import logging as std_logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,8 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from parrot_jax import config as schema
+from parrot_jax import storage
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -48,7 +49,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     field the schema does not mark resumable raises ``IncompatibleWorkdirError`` listing the
     fields (a field added since the saved config was written counts as the value its absence
     stands for; a renamed one by its new name)."""
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     if not path.is_file():
         return
     try:
@@ -77,9 +78,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     """``workdir/config.json`` from process 0, unless the workdir has one (``check_workdir``
     accepted it). Called once the run has loaded everything, so a run that fails to start
     leaves no config behind to block its corrected rerun."""
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     if jax.process_index() == 0 and not path.is_file():
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config_dict(config), indent=2) + "\n")
 
 
@@ -88,7 +89,7 @@ def checkpoint_manager(workdir: str | os.PathLike, max_to_keep: int | None = Non
     """The orbax manager of ``workdir/checkpoints`` (one item, ``state``)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only)
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+    return ocp.CheckpointManager(storage.path(workdir) / CHECKPOINT_DIR, options=options,
                                  item_names=("state",))
 
 
@@ -181,19 +182,18 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-def set_aside(workdir: str | os.PathLike, step: int) -> Path:
+def set_aside(workdir: str | os.PathLike, step: int) -> epath.Path:
     """Move ``checkpoints/<step>`` to ``checkpoints.damaged/<step>`` (process 0; never deleted:
     the user may want to inspect it) and return where it went; a name already there gets a
     numeric suffix."""
-    source = Path(workdir).absolute() / CHECKPOINT_DIR / str(step)
-    target = Path(workdir).absolute() / DAMAGED_DIR / str(step)
+    source = storage.path(workdir) / CHECKPOINT_DIR / str(step)
+    target = storage.path(workdir) / DAMAGED_DIR / str(step)
     suffix = 1
     while target.exists():
         target = target.with_name(f"{step}.{suffix}")
         suffix += 1
     if jax.process_index() == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
+        storage.move(source, target)
     return target
 
 
@@ -209,7 +209,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
     them all and nothing is moved."""
     from absl import logging
 
-    directory = Path(manager.directory)
+    directory = storage.path(manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
     failed: list[tuple[int, str]] = []
     for i, step in enumerate(steps):
@@ -250,7 +250,7 @@ def restore_parts(workdir: str | os.PathLike, step: int, parts: tuple[str, ...])
     """The subtrees ``parts`` (``'/'``-joined paths, e.g. ``'pen/lora'``) of checkpoint ``step``
     as nested dicts of host arrays, read alone: the rest of the state (optimizer moments,
     tracker, ...) stays on disk."""
-    path = Path(workdir).absolute() / CHECKPOINT_DIR / str(step) / "state"
+    path = storage.path(workdir) / CHECKPOINT_DIR / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(path)
     meta = getattr(meta, "item_metadata", meta)

@@ -143,3 +143,45 @@ def tiny_t5_torch(config: dict, seed: int = 0, ff_scale: float = 1.0):
                 if "DenseReluDense" in name or name.endswith(".o.weight"):
                     p.mul_(ff_scale)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``gs://parrot-test``: a bucket on a local GCS server (tests/fake_gcs.py) that gcsfs,
+    etils.epath and orbax / TensorStore reach in this process and in the processes tests
+    start (the variables are set in os.environ for the session)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Its log goes to a file: a pipe nobody reads would fill with the tracebacks of requests
+    # cut off by killed clients and block the server.
+    log = Path(tempfile.mkdtemp(prefix="parrot_jax_fake_gcs_")) / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_gcs.py")),
+                                   str(port), "parrot-test"], stdout=out, stderr=out)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"tests/fake_gcs.py did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs
+    patch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # orbax's TensorStore
+    patch.setenv("NO_GCE_CHECK", "True")  # google-auth: no metadata server to ask
+    yield "gs://parrot-test"
+    patch.undo()
+    server.kill()
+    server.wait()
+    shutil.rmtree(log.parent, ignore_errors=True)

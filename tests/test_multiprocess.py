@@ -1,5 +1,6 @@
 """Several JAX processes, as pod workers run: 2 processes x 4 CPU devices on 127.0.0.1 (gloo
-collectives) sharing one workdir, against 1 process x 8 devices in this one. The same metrics,
+collectives) sharing one workdir in a bucket (``gs://`` on a local GCS server, as pod workers
+share one), against 1 process x 8 devices in this one on a local folder. The same metrics,
 files written once, a checkpoint that resumes in another layout, a killed worker that stops the
 other with its name, a restart that resumes; for train.py and for PEN SFT."""
 
@@ -7,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,12 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from tensorboard.compat.proto.event_pb2 import Event
 from test_pen_sft import tiny_config as sft_config
 from test_train_loop import tiny_config
 
+from parrot_jax import sample, storage
 from parrot_jax.training import pen_sft, train_and_evaluate
 from parrot_jax.training.metrics import read_metrics
+from parrot_jax.training.tensorboard import _records
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train.py", "--config", "configs/tiny.py:smoke"]
@@ -45,7 +50,7 @@ class Launch:
     """``processes`` processes of ``command`` x ``devices`` CPU devices each on one workdir,
     each logging to ``<logs>/<name>_<i>.log``."""
 
-    def __init__(self, command: list[str], workdir: Path, logs: Path, name: str,
+    def __init__(self, command: list[str], workdir: Path | str, logs: Path, name: str,
                  processes: int = 2, devices: int = 4, extra: tuple[str, ...] = ()):
         port = _free_port()
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -100,9 +105,25 @@ def kill_process_1_when_resuming(launch: Launch) -> None:
                      launch.output(0)), launch.output(0)[-3000:]
 
 
+def copy_tree(source, target, skip: tuple[str, ...] = ()) -> None:
+    """Copy a workdir between a bucket and a local folder (either way), leaving out the
+    ``skip`` paths (relative, ``/``-joined)."""
+    source, target = storage.path(source), storage.path(target)
+    for file, relative in storage._files(source):
+        if not any(relative == s or relative.startswith(s + "/") for s in skip):
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            (target / relative).write_bytes(file.read_bytes())
+
+
 def _by_step(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith("perf/")}
             for r in records}
+
+
+def _steps_of(workdir: Path) -> list[int]:
+    """The step of every event in a local workdir's TensorBoard files."""
+    return [Event.FromString(r[12:-4]).step for f in (workdir / "tensorboard").iterdir()
+            for r in _records(f.read_bytes())]
 
 
 def assert_same_metrics(got: dict, want: dict, rtol: float = 1e-5) -> None:
@@ -117,11 +138,12 @@ def assert_same_metrics(got: dict, want: dict, rtol: float = 1e-5) -> None:
 # --- train.py ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def train_runs(tmp_path_factory):
-    """``(tmp, two, one)``: the smoke run as 2 processes x 4 devices (``two``) and as 1 x 8 in
-    this process (``one``)."""
+def train_runs(tmp_path_factory, gcs_bucket):
+    """``(tmp, two, one)``: the smoke run as 2 processes x 4 devices in a bucket (``two``) and
+    as 1 x 8 in this process in a local folder (``one``)."""
     tmp = tmp_path_factory.mktemp("multiprocess")
-    two, one = tmp / "two", tmp / "one"
+    two, one = storage.path(f"{gcs_bucket}/multiprocess/two"), tmp / "one"
+    storage.remove_tree(two.parent)
     launch = Launch(TRAIN, two, tmp, "two")
     train_and_evaluate(tiny_config("smoke"), one)  # meanwhile, here
     launch.succeed()
@@ -137,21 +159,41 @@ def test_two_processes_equal_one(train_runs):
     # Written once, by process 0: one record per step, one TensorBoard events file, the same
     # pictures and checkpoints as one process writes.
     assert [r["step"] for r in read_metrics(two)] == [1, 2]
-    events = lambda w: sorted(p.name for p in (w / "tensorboard").rglob("events.*"))  # noqa
-    assert len(events(two)) == len(events(one)) == 1
     files = lambda w, d: sorted(p.name for p in (w / d).iterdir())  # noqa: E731
+    assert len(files(two, "tensorboard")) == len(files(one, "tensorboard")) == 1
     assert files(two, "eval") == files(one, "eval") and files(two, "eval")
     assert files(two, "checkpoints") == files(one, "checkpoints")
     assert json.loads((two / "config.json").read_text())["distributed"] is True
+    # TensorBoard's file in the bucket holds each step once (uploaded whole, never appended).
+    (events,) = (two / "tensorboard").iterdir()
+    steps = [Event.FromString(r[12:-4]).step for r in _records(events.read_bytes())]
+    assert sorted(s for s in steps if s) == sorted(s for s in _steps_of(one) if s)
+    # Nothing of it landed on the workers' disks as a local "gs:" folder.
+    assert not (ROOT / "gs:").exists()
+
+
+def test_sample_reads_a_bucket_workdir(train_runs, tmp_path):
+    """``parrot_jax.sample`` reads the 2 x 4 run from its bucket (config, tokenizers,
+    checkpoint) as it reads the 1 x 8 run from a local folder: the same expansion and
+    conditioning, and images within rounding of each other."""
+    _, two, one = train_runs
+    args = ["--prompt", "a cat", "--num_images", "2", "--identifiers", "1,3", "--seed", "3"]
+    got = sample.main(["--workdir", str(two), "--out", str(tmp_path / "two"), *args])
+    want = sample.main(["--workdir", str(one), "--out", str(tmp_path / "one"), *args])
+    assert got["model"] == want["model"] == "step_2"
+    assert got["conditioning_text"] == want["conditioning_text"]
+    for name in want["files"]:
+        a, b = (np.asarray(Image.open(tmp_path / w / name), np.int32) for w in ("two", "one"))
+        assert np.abs(a - b).max() <= 2, name
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(train_runs):
     """2 x 4's checkpoint continues in 1 x 8 (here) and 1 x 4 (a process of 4 devices) to
     the same iteration 3 (orbax reshards the arrays to the new device layout)."""
     tmp, two, _ = train_runs
-    on_eight, on_four = tmp / "on_eight", tmp / "on_four"
-    shutil.copytree(two, on_eight)
-    shutil.copytree(two, on_four)
+    on_eight, on_four = tmp / "on_eight", two.parent / "on_four"  # a local copy; the bucket
+    copy_tree(two, on_eight)
+    copy_tree(two, on_four)
     launch = Launch(TRAIN, on_four, tmp, "on_four", processes=1, devices=4,
                     extra=("--config.num_iterations=3",))
     config = tiny_config("smoke")
@@ -169,9 +211,9 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(train_runs):
     after checkpoint 2; process 0 stops within a bounded time with an error naming it; both
     restarted resume to the iteration 3 the uninterrupted checkpoint reaches in 1 x 8."""
     tmp, two, _ = train_runs
-    killed, uninterrupted = tmp / "killed", tmp / "uninterrupted"
-    shutil.copytree(two, killed)
-    shutil.copytree(two, uninterrupted)
+    killed, uninterrupted = two.parent / "killed", tmp / "uninterrupted"
+    copy_tree(two, killed)
+    copy_tree(two, uninterrupted)
     kill_process_1_when_resuming(
         Launch(TRAIN, killed, tmp, "killed", extra=("--config.num_iterations=3",)))
 
@@ -186,12 +228,13 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(train_runs):
 
 # --- PEN SFT -------------------------------------------------------------------------------
 
-def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path):
-    """PEN SFT as 2 x 4 equals 1 x 8, writes its metrics once, and its checkpoint at step 10
-    continues in 1 x 8 to the uninterrupted run's step 20; a killed process stops the other
-    with its name, and both restarted resume to the same step 20."""
-    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
-    killed = tmp_path / "killed"
+def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path, gcs_bucket):
+    """PEN SFT as 2 x 4 (in a bucket) equals 1 x 8, writes its metrics once, and its
+    checkpoint at step 10 continues in 1 x 8 to the uninterrupted run's step 20; a killed
+    process stops the other with its name, and both restarted resume to the same step 20."""
+    two, one = storage.path(f"{gcs_bucket}/sft/two"), tmp_path / "one"
+    resumed, killed = tmp_path / "resumed", two.parent / "killed"
+    storage.remove_tree(two.parent)
     launch = Launch(SFT, two, tmp_path, "sft")
     want = pen_sft.train_and_evaluate(sft_config(), one)
     launch.succeed()
@@ -204,9 +247,8 @@ def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path):
         assert_same_metrics({k: v for k, v in got.items() if k != "examples_per_s"},
                             {k: v for k, v in expected.items() if k != "examples_per_s"})
     # The 2 x 4 checkpoint of step 10 (step 20 removed) continues here, in 1 x 8.
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / pen_sft.CHECKPOINT_DIR / "20")
-    shutil.copytree(resumed, killed)
+    copy_tree(two, resumed, skip=(f"{pen_sft.CHECKPOINT_DIR}/20",))
+    copy_tree(resumed, killed)
     result = pen_sft.train_and_evaluate(sft_config(), resumed)
     assert result["step"] == 20
     assert abs(result["eval_loss"] - want["eval_loss"]) <= 1e-5 * abs(want["eval_loss"])

@@ -23,13 +23,13 @@ context); a prompt that does not fit raises ``DatasetError`` naming its ``file:l
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from parrot_jax import plugins, policy, scoring
+from parrot_jax import plugins, policy, scoring, storage
 from parrot_jax.data.prompts import check_prompt_lengths, inference_limits, read_prompt_list
 from parrot_jax.policy import Policy, Samples
 from parrot_jax.precision import matmul_precision
@@ -38,7 +38,7 @@ from parrot_jax.training.settings import FinalEval, final_eval
 FINAL_EVAL_FILE = "final_eval.json"
 
 
-def final_evaluation(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path, *,
+def final_evaluation(fe: FinalEval, base: Policy, trained: Policy, workdir: str | os.PathLike, *,
                      filename: str = FINAL_EVAL_FILE, w1: float | None = None
                      ) -> dict[str, Any]:
     """Score the ``base`` and ``trained`` policies (module docstring); the record goes to
@@ -48,7 +48,7 @@ def final_evaluation(fe: FinalEval, base: Policy, trained: Policy, workdir: str 
         return _evaluate(fe, base, trained, workdir, filename, w1)
 
 
-def _evaluate(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path,
+def _evaluate(fe: FinalEval, base: Policy, trained: Policy, workdir: str | os.PathLike,
               filename: str, w1: float | None) -> dict[str, Any]:
     prompts = read_prompt_list(fe.prompts)
     # The whole file, before either model samples: a prompt that does not fit fails here,
@@ -97,11 +97,11 @@ def _evaluate(fe: FinalEval, base: Policy, trained: Policy, workdir: str | Path,
         "values": {label: np.round(np.asarray(v, np.float64), 6).tolist()
                    for label, v in values.items()},
     }
-    (Path(workdir) / filename).write_text(json.dumps(record, indent=2) + "\n")
+    (storage.path(workdir) / filename).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def final_evaluation_of(workdir: str | Path, *, filename: str = FINAL_EVAL_FILE,
+def final_evaluation_of(workdir: str | os.PathLike, *, filename: str = FINAL_EVAL_FILE,
                         w1: float | None = None) -> dict[str, Any]:
     """``final_evaluation`` of a finished workdir: its ``config.final_eval``, its untrained
     models and its latest checkpoint, loaded once."""

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -48,10 +46,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding
 
 from parrot_jax import config as schema
-from parrot_jax import parallel, policy
+from parrot_jax import parallel, policy, storage
 from parrot_jax.data.promptist import DatasetError
 from parrot_jax.data.prompts import draw_prompts, load_prompts
 from parrot_jax.expansion import (
@@ -221,7 +220,7 @@ def parrot_iteration(run: Run, state: dict, mark: Callable[..., None] | None = N
     return new, metrics, rewards, adv.selected
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, dict]:
+def setup(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> tuple[Run, dict]:
     """Check the config and the workdir, load prompts and models, build the initial state."""
     schema.check(config)
     mesh = parallel.make_mesh(dict(config.mesh))
@@ -232,7 +231,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
     prompts = load_prompts(config.data.prompts)  # with each prompt's file:line
     logging.info("Loading models (T2I %s, PEN %s, rewards %s)", config.model.pretrained,
                  config.model.pen, config.model.rewards)
-    tokenizers = Path(workdir) / TOKENIZER_DIR
+    tokenizers = storage.path(workdir) / TOKENIZER_DIR
     new_tokenizers = not tokenizers.exists()
     models = load_models(config, workdir, mesh, prompts)
     settings = Settings.of(config, mesh.size, len(models.rewards.names))
@@ -242,7 +241,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Run, 
         # The tiny tokenizers load_models just built from these prompts go too: a failed
         # start leaves the workdir as it was, so the corrected rerun builds its own.
         if new_tokenizers and jax.process_index() == 0:
-            shutil.rmtree(tokenizers, ignore_errors=True)
+            storage.remove_tree(tokenizers)
         raise
     logging.info("Sizes: %s; %d DDIM steps; %d iterations", settings.sizes.describe(),
                  config.sample.num_steps, config.num_iterations)
@@ -272,7 +271,7 @@ def _progress(step: int, total: int, eta: float, record: dict[str, float]) -> No
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | Path) -> dict[str, Any]:
+                       workdir: str | epath.Path) -> dict[str, Any]:
     """Run (or resume) Parrot training as ``config`` says, writing ``config.json``,
     ``metrics.jsonl`` and orbax checkpoints to the workdir; with ``final_eval.prompts`` set,
     end with the base-vs-trained comparison (``final_eval.json``). Returns the last logged
@@ -281,10 +280,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ``config.matmul_precision``."""
     schema.check(config)
     with matmul_precision(config):
-        return _train_and_evaluate(config, Path(workdir))
+        return _train_and_evaluate(config, storage.path(workdir))
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: epath.Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     run, state = setup(config, workdir)
     with parallel.traced_on(run.mesh):
@@ -296,7 +296,7 @@ def _saved(step: int | None) -> str:
             else f"the last checkpoint, iteration {step}, holds finite weights")
 
 
-def _cut_logs(workdir: Path, step: int) -> None:
+def _cut_logs(workdir: epath.Path, step: int) -> None:
     """Process 0 cuts ``metrics.jsonl`` and the TensorBoard events back to ``step``: the
     iterations logged after the restored checkpoint run again and log themselves again."""
     if jax.process_index() != 0:
@@ -307,7 +307,7 @@ def _cut_logs(workdir: Path, step: int) -> None:
                      "%d (logged after the checkpoint this run resumes from)", *dropped, step)
 
 
-def _train(run: Run, state: dict, workdir: Path) -> dict[str, Any]:
+def _train(run: Run, state: dict, workdir: epath.Path) -> dict[str, Any]:
     s = run.settings
     reference = None if s.hypervolume_reference is None else np.asarray(s.hypervolume_reference)
     manager = checkpoint_manager(workdir, s.max_to_keep)

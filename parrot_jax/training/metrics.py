@@ -15,12 +15,13 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from parrot_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 # Metrics whose non-finite value stops the run (a diverged update).
@@ -77,7 +78,7 @@ class MetricsWriter:
     a ``tensorboard`` writer, the same numbers as TensorBoard scalars)."""
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: Any = None):
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = storage.path(workdir) / METRICS_FILE
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.tensorboard = tensorboard  # a training.tensorboard.TensorBoardWriter or None
 
@@ -97,8 +98,7 @@ class MetricsWriter:
             record[key] = float(np.mean([float(m[key]) for _, m in fetched]))
         record.update(extra or {})
         if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            storage.append(self.path, json.dumps(record) + "\n")
             if self.tensorboard is not None:
                 self.tensorboard.scalars(record["step"],
                                          {k: v for k, v in record.items() if k != "step"})
@@ -110,7 +110,7 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
     """Keep the records of ``workdir/metrics.jsonl`` up to ``step`` (the checkpoint a run
     resumes from) and drop the rest, with any last line cut short by a kill; the file is
     replaced atomically. Returns how many lines were dropped."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.path(workdir) / METRICS_FILE
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines(keepends=True)
@@ -123,13 +123,11 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> int:
         if line.endswith("\n") and record.get("step", math.inf) <= step:
             kept.append(line)
     if len(kept) < len(lines):
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_text("".join(kept))
-        os.replace(partial, path)
+        storage.replace(path, "".join(kept).encode())
     return len(lines) - len(kept)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of ``workdir/metrics.jsonl``, in order."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.path(workdir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -21,7 +21,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,9 +30,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from parrot_jax import hub
+from parrot_jax import hub, storage
 from parrot_jax.data.pipeline import (
     BATCH_KEYS,
     PairEncoder,
@@ -159,16 +159,16 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     m = config.model
     dtype = _dtype(m.dtype)
     if m.name == "tiny":
-        folder = Path(workdir) / TOKENIZER_DIR
+        folder = storage.path(workdir) / TOKENIZER_DIR
         if (folder / "tokenizer.json").is_file():
-            tokenizer = hub.load_tokenizer(folder)
+            tokenizer = hub.load_tokenizer(storage.local_copy(folder))
         else:
             if train is None:
                 raise ValueError(f"{folder}: no saved tokenizer and no training data to build one")
             template = InstructionTemplate(config.data.template)
             tokenizer = train_t5_tokenizer(_corpus(train, template), m.tiny.vocab_size)
             if jax.process_index() == 0:
-                tokenizer.save_pretrained(folder)
+                storage.save_folder(tokenizer.save_pretrained, folder)
         fields = {k: v for k, v in m.tiny.to_dict().items() if k != "vocab_size"}
         t5 = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id,
@@ -295,10 +295,9 @@ def heldout_loss(module: T5ForConditionalGeneration, base: Any, trainable: Any,
 
 # --- checkpoints and metrics -----------------------------------------------------------------
 
-def _write_metrics(workdir: Path, record: dict[str, Any]) -> None:
+def _write_metrics(workdir: epath.Path, record: dict[str, Any]) -> None:
     if jax.process_index() == 0:
-        with open(workdir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append(workdir / METRICS_FILE, json.dumps(record) + "\n")
 
 
 def _initial_trainable(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, Any]:
@@ -326,7 +325,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     with checkpoint_manager(workdir, read_only=True) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{Path(workdir) / CHECKPOINT_DIR}: no checkpoint")
+            raise FileNotFoundError(f"{storage.path(workdir) / CHECKPOINT_DIR}: no checkpoint")
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
     return module, full_params(base, state["trainable"]), tokenizer, int(state["step"])
@@ -349,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | os.PathLike) -> dict[str, float]:
     """Run (or resume) SFT as ``config`` says, writing to ``workdir``; returns the last metrics
     (``step``, ``train_loss``, ``eval_loss``, ``initial_eval_loss`` when step 0 ran here)."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     devices = jax.devices()
     _check_sizes(config, len(devices))
@@ -454,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = cli.parse(_define, argv, prog=PROG, doc=__doc__)
     if args.config is None or not args.workdir:
         cli.fail(PROG, "--config and --workdir are required")
+    cli.check_workdir(PROG, args.workdir)
     distributed = bool(args.config.get("distributed", False))
     launch = cli.distributed_launch(PROG, args, distributed)
     try:  # before anything touches the devices

@@ -1,11 +1,15 @@
 """TensorBoard event files without TensorFlow: scalars and PNG images, written with the
 ``tensorboard`` package's own event writer and protos (the run's ``workdir/tensorboard``), and
-cut back to a resumed checkpoint's step (``truncate_events``)."""
+cut back to a resumed checkpoint's step (``truncate_events``). In a bucket, where objects cannot
+be appended to, events are written to a local file that is uploaded whole at each flush; a new
+file is started past ``ROLL_BYTES`` so that no upload grows without bound."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -14,10 +18,12 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from parrot_jax import storage
 from parrot_jax.training.visualize import png_bytes
 
 TENSORBOARD_DIR = "tensorboard"
 EVENTS_PREFIX = "events.out.tfevents."
+ROLL_BYTES = 32 << 20  # a bucket's events file is closed and a new one started past this size
 
 
 def _records(data: bytes) -> list[bytes]:
@@ -39,31 +45,32 @@ def truncate_events(logdir: str | os.PathLike, step: int) -> int:
     logs those iterations again; TensorBoard would show both), and any last record cut short
     by a kill; files are replaced atomically. Returns how many events were dropped."""
     dropped = 0
-    if not os.path.isdir(logdir):
+    folder = storage.path(logdir)
+    if not folder.is_dir():
         return 0
-    for name in sorted(os.listdir(logdir)):
-        if not name.startswith(EVENTS_PREFIX) or name.endswith(".tmp"):
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(EVENTS_PREFIX) or path.name.endswith(".tmp"):
             continue
-        path = os.path.join(logdir, name)
-        with open(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
         records = _records(data)
         kept = [r for r in records if Event.FromString(r[12:-4]).step <= step]
         if len(kept) < len(records) or sum(map(len, records)) < len(data):
             dropped += len(records) - len(kept)
-            with open(path + ".tmp", "wb") as f:
-                f.write(b"".join(kept))
-            os.replace(path + ".tmp", path)
+            storage.replace(path, b"".join(kept))
     return dropped
 
 
 class TensorBoardWriter:
     """Appends events to a new ``events.out.tfevents.*`` file in ``logdir`` (created if
-    missing); a resumed run adds a file beside the earlier ones, which TensorBoard merges."""
+    missing); a resumed run adds a file beside the earlier ones, which TensorBoard merges.
+    A bucket ``logdir`` gets the local file's whole content at each ``flush``."""
 
     def __init__(self, logdir: str | os.PathLike):
-        self.logdir = os.fspath(logdir)
-        self._writer = EventFileWriter(self.logdir)
+        self.logdir = storage.path(logdir)
+        self._remote = storage.is_remote(self.logdir)
+        self._local = (tempfile.mkdtemp(prefix="parrot_jax_tensorboard_") if self._remote
+                       else os.fspath(self.logdir))
+        self._writer = EventFileWriter(self._local)
 
     def _add(self, step: int, values: list[Summary.Value]) -> None:
         self._writer.add_event(Event(wall_time=time.time(), step=int(step),
@@ -93,6 +100,26 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self._writer.flush()
+        if not self._remote:
+            return
+        for name, data in self._upload():  # one file: a rolled one was uploaded and removed
+            if len(data) > ROLL_BYTES:
+                self._writer.close()
+                os.remove(os.path.join(self._local, name))
+                self._writer = EventFileWriter(self._local)
+
+    def _upload(self) -> list[tuple[str, bytes]]:
+        """Copy each local events file whole to the bucket logdir; returns them."""
+        out = []
+        for name in os.listdir(self._local):
+            with open(os.path.join(self._local, name), "rb") as f:
+                data = f.read()
+            (self.logdir / name).write_bytes(data)
+            out.append((name, data))
+        return out
 
     def close(self) -> None:
         self._writer.close()
+        if self._remote:
+            self._upload()
+            shutil.rmtree(self._local, ignore_errors=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from parrot_jax import parallel, policy
+from parrot_jax import parallel, policy, storage
 from parrot_jax.expansion import decode, identifier_prefix, tokenize_conditioning, tokenize_prompts
 from parrot_jax.training.metrics import host
 
@@ -162,7 +162,7 @@ def eval_images(run: Any, state: dict) -> tuple[np.ndarray, list[str]]:
 
 
 def write_pictures(run: Any, state: dict, step: int, rewards: jax.Array, selected: jax.Array,
-                   workdir: Path, tensorboard: Any | None) -> None:
+                   workdir: str | os.PathLike, tensorboard: Any | None) -> None:
     """``workdir/eval/grid_<step>.png`` (``eval_images``, up to ``EVAL_COLUMNS`` per prompt)
     and ``pareto_<step>.png`` (the batch's rewards and selection), also as TensorBoard images.
     Every process takes part in the rollout; process 0 writes."""
@@ -175,7 +175,7 @@ def write_pictures(run: Any, state: dict, step: int, rewards: jax.Array, selecte
                       min(EVAL_COLUMNS, images.shape[1]), cell=64 if side < 64 else min(side, 256))
     scatter = pareto_scatter(host_rewards, host_selected, run.models.rewards.names,
                              title=f"iteration {step}")
-    out = Path(workdir) / "eval"
+    out = storage.path(workdir) / "eval"
     out.mkdir(exist_ok=True)
     (out / f"grid_{step:06d}.png").write_bytes(png_bytes(grid))
     (out / f"pareto_{step:06d}.png").write_bytes(png_bytes(scatter))
