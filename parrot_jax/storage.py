@@ -91,19 +91,19 @@ def move(source: epath.Path, target: epath.Path) -> None:
     if not is_remote(source):
         os.replace(source, target)
         return
-    for file, relative in _files(source):
+    for file, relative in files(source):
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         file.copy(target / relative, overwrite=True)
     source.rmtree()
 
 
-def _files(folder: epath.Path, prefix: str = "") -> list[tuple[epath.Path, str]]:
+def files(folder: epath.Path, prefix: str = "") -> list[tuple[epath.Path, str]]:
     """Every file under ``folder`` with its ``/``-joined path relative to it (a bucket's
     ``walk`` drops the ``gs://`` of the paths it yields; ``iterdir`` keeps it)."""
     out = []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir():
-            out += _files(entry, f"{prefix}{entry.name}/")
+            out += files(entry, f"{prefix}{entry.name}/")
         else:
             out.append((entry, prefix + entry.name))
     return out
@@ -127,7 +127,7 @@ def local_copy(folder: epath.Path) -> str:
     if key not in _copies:
         local = tempfile.mkdtemp(prefix="parrot_jax_")
         atexit.register(shutil.rmtree, local, True)
-        for file, relative in _files(folder):
+        for file, relative in files(folder):
             os.makedirs(os.path.dirname(os.path.join(local, relative)), exist_ok=True)
             with open(os.path.join(local, relative), "wb") as f:
                 f.write(file.read_bytes())
@@ -143,8 +143,8 @@ def save_folder(save: Callable[[str], object], folder: epath.Path) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="parrot_jax_") as local:
         save(local)
-        for root, _, files in os.walk(local):
-            for name in files:
+        for root, _, names in os.walk(local):
+            for name in names:
                 relative = os.path.relpath(os.path.join(root, name), local)
                 with open(os.path.join(root, name), "rb") as f:
                     data = f.read()

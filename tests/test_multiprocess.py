@@ -109,7 +109,7 @@ def copy_tree(source, target, skip: tuple[str, ...] = ()) -> None:
     """Copy a workdir between a bucket and a local folder (either way), leaving out the
     ``skip`` paths (relative, ``/``-joined)."""
     source, target = storage.path(source), storage.path(target)
-    for file, relative in storage._files(source):
+    for file, relative in storage.files(source):
         if not any(relative == s or relative.startswith(s + "/") for s in skip):
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             (target / relative).write_bytes(file.read_bytes())

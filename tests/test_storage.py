@@ -101,7 +101,7 @@ def test_damaged_checkpoint_set_aside_in_a_bucket(bucket):
     manager.wait_until_finished()
     manager.close()
     # Damage checkpoint 2: every file of its state emptied.
-    for file, _ in storage._files(bucket / "checkpoints" / "2" / "state"):
+    for file, _ in storage.files(bucket / "checkpoints" / "2" / "state"):
         file.write_bytes(b"")
     manager = workdir.checkpoint_manager(bucket)
     restored, step = workdir.restore_latest(manager, state)
