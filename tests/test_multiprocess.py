@@ -23,6 +23,7 @@ from test_pen_sft import tiny_config as sft_config
 from test_train_loop import tiny_config
 
 from parrot_jax import sample, storage
+from parrot_jax.export_pen import export_pen
 from parrot_jax.training import pen_sft, train_and_evaluate
 from parrot_jax.training.metrics import read_metrics
 from parrot_jax.training.tensorboard import _records
@@ -258,6 +259,9 @@ def test_pen_sft_two_processes_equal_one_and_resume_in_one(tmp_path, gcs_bucket)
     last = json.loads((killed / pen_sft.METRICS_FILE).read_text().splitlines()[-1])
     assert last["step"] == 20
     assert abs(last["eval_loss"] - want["eval_loss"]) <= 1e-5 * abs(want["eval_loss"])
+    # export_pen reads the bucket run (its config, tokenizer and checkpoint) as a local one.
+    out, step = export_pen(str(killed), tmp_path / "pen")
+    assert step == 20 and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
 # --- launch flags ----------------------------------------------------------------------------

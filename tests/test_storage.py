@@ -35,6 +35,16 @@ def test_paths_and_refusals(tmp_path, monkeypatch, capsys):
     assert str(storage.path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
     with pytest.raises(storage.StorageError, match=r"^s3://b/run: s3:// is not supported"):
         storage.path("s3://b/run")
+    import fsspec
+
+    def no_gcsfs(protocol):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    with monkeypatch.context() as m:  # gcsfs not installed: the error names the extra
+        m.setattr(fsspec, "get_filesystem_class", no_gcsfs)
+        with pytest.raises(storage.StorageError, match=r"^gs://b/run: gs:// paths need the "
+                           r"gcsfs package \(pip install 'parrot-jax\[gcs\]'\)$"):
+            storage.path("gs://b/run")
     # The tools say so in one line naming the flag, before JAX starts (exit 2).
     with pytest.raises(SystemExit) as exit_:
         cli.check_workdir("train.py", "s3://b/run")

@@ -322,6 +322,11 @@ def restore(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     optimizer = make_optimizer(OptimSettings.from_config(config))
     target = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
               "opt_state": optimizer.init(trainable)}
+    # Shapes replicated on this process's devices: the checkpoint's own shardings name the
+    # devices of the run that wrote it (several processes, another slice).
+    replicated = NamedSharding(data_mesh(), PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          target)
     with checkpoint_manager(workdir, read_only=True) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
