@@ -142,9 +142,9 @@ def _ignoring_abandoned_reads() -> Callable[[], None]:
     """Install a ``sys.unraisablehook`` filter and return its removal. When a restore fails,
     TensorStore still completes the reads orbax abandoned and hands each to orbax's closed
     event loop: one "Event loop is closed" traceback per read (hundreds), some arriving after
-    the failure is raised, and asyncio logs some as tasks whose error nobody retrieved. The
-    filters drop exactly those; every other unraisable exception and log record still shows.
-    Kept for the rest of the process after a failed restore."""
+    the failure is raised, and asyncio logs some as tasks or futures whose error nobody
+    retrieved. The filters drop exactly those; every other unraisable exception and log
+    record still shows. Kept for the rest of the process after a failed restore."""
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
@@ -153,7 +153,8 @@ def _ignoring_abandoned_reads() -> Callable[[], None]:
             previous(unraisable)
 
     sys.unraisablehook = hook
-    # The same abandoned reads can also end as asyncio tasks whose error nobody retrieves.
+    # The same abandoned reads can also end as asyncio tasks or futures whose error nobody
+    # retrieves.
     quiet = _AbandonedTasks()
     std_logging.getLogger("asyncio").addFilter(quiet)
 
@@ -166,10 +167,18 @@ def _ignoring_abandoned_reads() -> Callable[[], None]:
 
 
 class _AbandonedTasks(std_logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records (abandoned restore reads)."""
+    """Drops asyncio's "Task/Future exception was never retrieved" records of abandoned restore
+    reads (a TensorStore error, or the closed event loop), logged whenever they are
+    garbage-collected."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Task exception was never retrieved")
+        if not str(record.msg).startswith(("Task exception was never retrieved",
+                                           "Future exception was never retrieved")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        abandoned_read = "tensorstore_spec" in str(error) or (
+            isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+        return not abandoned_read
 
 
 def _all_processes_agree(ok: bool) -> bool:

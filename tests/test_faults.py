@@ -4,6 +4,7 @@ non-finite state refused before anything is written, and damaged checkpoints ski
 aside. The loop-level cases (kill -9 and resume, a damaged checkpoint, a diverged state) are in
 test_train_loop.py."""
 
+import gc
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, d
     caplog.set_level(logging.WARNING)
     state, step = restore_latest(manager, _state(0.0), unit="step")
     assert step == 4 and float(state["t2i"]["trainable"]["w"][0, 0]) == 4.0
+    gc.collect()  # asyncio logs abandoned reads when collected: let that happen in the test
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                 and "orbax" not in r.pathname]
     assert len(warnings) == 2 and len(warnings[0]) < 400, warnings
@@ -118,6 +120,25 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, d
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 4, 6]
     manager.close()
+
+
+def test_only_abandoned_restore_reads_are_silenced():
+    """asyncio logs a failed restore's abandoned reads when it collects them, at any time later;
+    the filter drops those records and keeps every other unretrieved error."""
+    from parrot_jax.workdir import _AbandonedTasks
+
+    def record(message, error):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, message, None,
+                                 (type(error), error, None))
+
+    read = ValueError('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']')
+    quiet = _AbandonedTasks()
+    assert not quiet.filter(record("Task exception was never retrieved\nfuture: <Task>", read))
+    assert not quiet.filter(record("Future exception was never retrieved\nfuture: <F>", read))
+    assert not quiet.filter(record("Future exception was never retrieved",
+                                   RuntimeError("Event loop is closed")))
+    assert quiet.filter(record("Future exception was never retrieved", ValueError("other")))
+    assert quiet.filter(record("Unclosed client session", read))
 
 
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
