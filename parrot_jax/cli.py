@@ -193,13 +193,19 @@ def define_distributed_flags(values: flags.FlagValues) -> None:
 
 def check_workdir(prog: str, workdir: str | None) -> None:
     """``--workdir`` must be a local path or a bucket this installation reaches (``gs://``
-    with gcsfs); anything else exits 2 naming the flag, before JAX starts."""
+    with gcsfs), where this process may write (``storage.cannot_write``); anything else exits
+    2 naming the flag, before JAX starts."""
     from parrot_jax import storage
 
+    if not workdir:
+        return
     try:
-        storage.path(workdir) if workdir else None
+        folder = storage.path(workdir)
     except storage.StorageError as e:
         fail(prog, f"--workdir: {e}")
+    problem = storage.cannot_write(folder)
+    if problem:
+        fail(prog, f"--workdir {workdir}: {problem}")
 
 
 LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id")

@@ -61,6 +61,32 @@ def path(where: str | os.PathLike) -> epath.Path:
     return epath.Path(text)
 
 
+def cannot_write(folder: epath.Path) -> str | None:
+    """Why this process cannot write in ``folder``, in one line, or None. In a bucket, one
+    empty object is written there and deleted (a run needs both: orbax removes its temporary
+    checkpoint folders), so a missing bucket, missing credentials or a read-only role show
+    here rather than at the first checkpoint. A local folder, or its nearest existing parent,
+    must be a folder this user may write in."""
+    if is_remote(folder):
+        probe = folder / f".parrot-write-check-{os.urandom(8).hex()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001 (whatever the filesystem raises: say it in a line)
+            said = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            hint = "; does the bucket exist?" if isinstance(e, FileNotFoundError) else ""
+            return f"cannot write there ({type(e).__name__}: {said[:400]}{hint})"
+        return None
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
 def append(file: epath.Path, text: str) -> None:
     """Add ``text`` at the end of ``file`` (created if missing). A local file is appended to;
     an object is rewritten whole with its old content first (one object write: readers see

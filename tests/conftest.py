@@ -152,7 +152,8 @@ def tiny_t5_torch(config: dict, seed: int = 0, ff_scale: float = 1.0):
 def gcs_bucket():
     """``gs://parrot-test``: a bucket on a local GCS server (tests/fake_gcs.py) that gcsfs,
     etils.epath and orbax / TensorStore reach in this process and in the processes tests
-    start (the variables are set in os.environ for the session)."""
+    start (the variables are set in os.environ for the session). The same server has
+    ``gs://parrot-read-only``, where every write is refused (403)."""
     import socket
     import subprocess
     import sys
@@ -167,7 +168,8 @@ def gcs_bucket():
     log = Path(tempfile.mkdtemp(prefix="parrot_jax_fake_gcs_")) / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_gcs.py")),
-                                   str(port), "parrot-test"], stdout=out, stderr=out)
+                                   str(port), "parrot-test", "parrot-read-only"],
+                                  stdout=out, stderr=out)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -1,7 +1,8 @@
 """Workdir files in a bucket (``parrot_jax.storage``), against a local GCS server
 (conftest ``gcs_bucket``): appends that keep what was there, atomic replaces, folders moved,
 saved and copied back, logs cut back to a checkpoint, TensorBoard files uploaded whole and
-rolled, and a damaged checkpoint set aside, all in ``gs://``."""
+rolled, a damaged checkpoint set aside, all in ``gs://``, and workdirs this process cannot
+write in refused at once."""
 
 import json
 import os
@@ -53,6 +54,32 @@ def test_paths_and_refusals(tmp_path, monkeypatch, capsys):
         "train.py: error: --workdir: s3://b/run: s3:// is not supported (a local path or gs://)")
     with pytest.raises(policy.RunError, match=r"^--workdir s3://b/run: s3:// is not supported"):
         policy.read_config("s3://b/run")
+
+
+def test_a_workdir_it_cannot_write_is_refused_before_jax_starts(bucket, tmp_path, capsys):
+    def refusal(workdir):
+        with pytest.raises(SystemExit) as exit_:
+            cli.check_workdir("train.py", workdir)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err.strip()
+
+    assert cli.check_workdir("train.py", str(bucket)) is None
+    assert not bucket.exists()  # the probe object is gone: nothing under the folder
+    err = refusal("gs://parrot-read-only/run")  # an account without storage.objects.create
+    assert err.startswith("train.py: error: --workdir gs://parrot-read-only/run: cannot write "
+                          "there (OSError: Forbidden: "), err
+    assert "does not have storage.objects.create access" in err
+    err = refusal("gs://parrot-no-such-bucket/run")
+    assert err.startswith("train.py: error: --workdir gs://parrot-no-such-bucket/run: cannot "
+                          "write there (FileNotFoundError: ") and err.endswith(
+                              "; does the bucket exist?)"), err
+    (tmp_path / "file").write_text("")
+    assert refusal(str(tmp_path / "file" / "run")) == (
+        f"train.py: error: --workdir {tmp_path}/file/run: {tmp_path}/file is not a folder")
+    assert cli.check_workdir("train.py", str(tmp_path / "new" / "run")) is None
+    assert not (tmp_path / "new").exists()  # a local check writes nothing
 
 
 def test_files_in_a_bucket(bucket):
